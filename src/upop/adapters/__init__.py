@@ -1,0 +1,64 @@
+"""Adapters: one file per model family. Each finds its prunable structures in a model.
+
+Discovery walks `model.named_modules()` and asks every adapter about every module, so
+composite models (CLIP's two towers, BLIP's vision encoder + text encoder + decoder,
+VisionTextDualEncoderModel with any supported towers) need no adapter of their own.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from ..structures import Structure
+from . import bert, blip, clip_vit
+from ._shape import layer_index, modality_of  # noqa: F401  (re-exported)
+
+ADAPTERS = (clip_vit, bert, blip)
+
+SUPPORTED_FAMILIES = (
+    "Hugging Face CLIPModel / CLIPVisionModel / CLIPTextModel",
+    "ViTModel / ViTForImageClassification",
+    "DeiT (DeiTModel, DeiTForImageClassification[WithTeacher])",
+    "BERT-style encoders (BertModel, BlipTextModel, with self- and cross-attention)",
+    "BLIP (BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipForConditionalGeneration)",
+    "VisionTextDualEncoderModel with supported towers",
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model holds no attention or MLP structure that an adapter knows."""
+
+
+def discover(model: nn.Module) -> list[Structure]:
+    """All prunable structures of `model`, in module order. Raises UnsupportedModelError."""
+    found: list[Structure] = []
+    for path, module in model.named_modules():
+        for adapter in ADAPTERS:
+            found.extend(adapter.find(model, path, module))
+    if not found:
+        raise UnsupportedModelError(
+            f"upop found no prunable attention or MLP structure in {type(model).__name__}. "
+            "Supported families: " + "; ".join(SUPPORTED_FAMILIES) + "."
+        )
+    _warn_unclaimed(model, found)
+    names = [s.name for s in found]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:  # an adapter bug, never a user error
+        raise RuntimeError(f"structures claimed twice: {sorted(duplicates)}")
+    return found
+
+
+def _warn_unclaimed(model: nn.Module, found: list[Structure]) -> None:
+    claimed = {s.name for s in found}
+    for path, module in model.named_modules():
+        if not type(module).__name__.endswith("Attention") or path in claimed:
+            continue
+        if any(c == path or c.startswith(path + ".") for c in claimed):
+            continue  # a wrapper (e.g. BertAttention) around a claimed module
+        warnings.warn(
+            f"upop: {path} ({type(module).__name__}) is not a supported attention module; "
+            "it is left unpruned",
+            stacklevel=3,
+        )

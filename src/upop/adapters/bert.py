@@ -1,0 +1,78 @@
+"""BERT-style text encoders and decoders (BertModel, BlipTextModel, BLIP's text decoder).
+
+Attention: `<layer>.attention.self` (or `.crossattention.self`) holds `query`, `key`,
+`value`; the out-projection is the sibling `<...>.output.dense`. Cross-attention key/value
+take the encoder's width as input; only their output rows are pruned.
+Temperature: transformers' BertSelfAttention keeps `self.scaling` from `__init__`;
+BlipTextSelfAttention divides by sqrt(attention_head_size) at every call, so its kept
+query rows are rescaled at compression.
+MLP: `<layer>.intermediate.dense` -> activation -> `<layer>.output.dense`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..structures import Structure
+from ._shape import layer_index, linear, modality_of, set_head_attributes
+
+FAMILY = "bert"
+
+
+def _parent(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+
+
+def _is_bert_attention(module: nn.Module) -> bool:
+    return (
+        type(module).__name__.endswith(("SelfAttention", "CrossAttention"))
+        and all(linear(module, n) is not None for n in ("query", "key", "value"))
+        and hasattr(module, "attention_head_size")
+        and hasattr(module, "num_attention_heads")
+    )
+
+
+def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
+    if _is_bert_attention(module) and "." in path:
+        owner = _parent(model, path)  # BertAttention: .self and .output
+        out = linear(getattr(owner, "output", None), "dense")
+        if out is None:
+            return []
+        cross = "CrossAttention" in type(module).__name__ or "crossattention" in path.split(".")
+        return [
+            Structure(
+                name=path,
+                kind="cross_attention" if cross else "attention",
+                modality=modality_of(path, "text"),
+                layer=layer_index(path),
+                family=FAMILY,
+                num_heads=module.num_attention_heads,
+                head_dim=module.attention_head_size,
+                q=module.query,
+                k=module.key,
+                v=module.value,
+                out=out,
+                # v5 BERT passes `scaling` fixed at init; BLIP's text attention has none and
+                # divides by sqrt(attention_head_size) at every call.
+                temperature_follows_width=not hasattr(module, "scaling"),
+                set_shape=lambda h, d, m=module: set_head_attributes(m, h, d),
+            )
+        ]
+    if type(module).__name__.endswith("Intermediate") and linear(module, "dense") is not None:
+        layer = _parent(model, path) if "." in path else None
+        fc2 = linear(getattr(layer, "output", None), "dense")
+        if fc2 is None or fc2.in_features != module.dense.out_features:
+            return []
+        return [
+            Structure(
+                name=path,
+                kind="mlp",
+                modality=modality_of(path, "text"),
+                layer=layer_index(path),
+                family=FAMILY,
+                hidden=module.dense.out_features,
+                fc1=module.dense,
+                fc2=fc2,
+            )
+        ]
+    return []

@@ -1,0 +1,59 @@
+"""Counting what we claim: parameters and FLOPs of a model, per unit and in total."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters of `model`, tied tensors counted once."""
+    return sum(p.numel() for p in model.parameters())  # parameters() already deduplicates
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Route Hugging Face attention through the eager path so its matmuls are visible to
+    the FLOP counter (fused SDPA kernels on CPU are not counted)."""
+    configs = []
+    seen = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation"):
+            continue
+        seen.add(id(config))
+        configs.append((config, config._attn_implementation))
+    try:
+        for config, _ in configs:
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for config, previous in configs:
+            config._attn_implementation = previous
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_inputs: Any) -> int:
+    """FLOPs of one forward on `example_inputs` (a tensor, tuple or dict of kwargs), counting
+    2 per multiply-add, attention matmuls included (the model runs eager attention here)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with eager_attention(model), FlopCounterMode(display=False) as counter:
+            run_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())

@@ -1,0 +1,353 @@
+"""UPopSearch: unified and progressive search over every attention and MLP structure.
+
+Per step: the mask gradients are added to an explicit score buffer (unscaled under AMP,
+non-finite steps skipped). On interval boundaries and at the last step the scores are
+standardised per structure type (all attention units together, all MLP units together,
+across every modality and layer), ranked globally, and the highest-ranked units whose
+exact cost sums to pi_t of the total are selected; their masks are set to 1 - pi_t / p.
+pi_t = p * sin(pi * (t + 1) / (2 T)) reaches p at the last step, where the masks become
+exactly binary.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapters import discover
+from .compress import apply_plan
+from .config import UPopConfig
+from .masks import MaskSet
+from .plan import PruningPlan, StructurePlan
+from .structures import Structure
+
+
+def ratio_at(step: int, total_steps: int, target: float) -> float:
+    """The paper's schedule pi_t = p * sin(pi * (t + 1) / (2 T)); exactly p at t = T - 1."""
+    if step >= total_steps - 1:
+        return float(target)
+    return float(target) * math.sin(math.pi * (step + 1) / (2 * total_steps))
+
+
+def standardise(scores: dict[str, torch.Tensor], groups: dict[str, str]) -> dict[str, torch.Tensor]:
+    """z = (g - mean) / std with one mean and std per group over all its units."""
+    out = {}
+    for group in sorted(set(groups.values())):
+        names = [n for n in scores if groups[n] == group]
+        flat = torch.cat([scores[n].double().flatten() for n in names])
+        mean = flat.mean()
+        std = flat.std() if flat.numel() > 1 else flat.new_tensor(0.0)
+        std = std if torch.isfinite(std) and std > 0 else flat.new_tensor(1.0)
+        for n in names:
+            out[n] = (scores[n].double() - mean) / std
+    return out
+
+
+@dataclass
+class _Block:
+    name: str
+    order: int  # position inside its structure, in descending score order
+    units: torch.Tensor
+    score: float
+    cost: float
+
+
+def _blocks(name: str, z: torch.Tensor, cost: float, min_units: int, round_to: int) -> list[_Block]:
+    """Prunable blocks of one structure, best candidates first.
+
+    Units are sorted by descending score and grouped so that pruning any prefix of blocks
+    leaves a width that is a multiple of round_to (the first block takes the remainder);
+    the lowest-scoring units that min_units protects form no block.
+    """
+    n = z.numel()
+    order = torch.argsort(z, descending=True, stable=True)
+    protected = max(min_units, 1)
+    protected = min(n, math.ceil(protected / round_to) * round_to)
+    prunable = n - protected
+    first = prunable % round_to
+    sizes = ([first] if first else []) + [round_to] * (prunable // round_to)
+    blocks, start = [], 0
+    for i, size in enumerate(sizes):
+        units = order[start:start + size]
+        blocks.append(_Block(name, i, units, float(z[units].mean()), cost * size))
+        start += size
+    return blocks
+
+
+def select_units(
+    scores: dict[str, torch.Tensor],
+    costs: dict[str, float],
+    groups: dict[str, str],
+    ratio: float,
+    min_units: int = 1,
+    round_to: int = 1,
+    ranking: str = "global",
+) -> dict[str, torch.Tensor]:
+    """Boolean "selected for pruning" per structure.
+
+    scores: raw accumulated scores per structure (higher = pruned first, as in the paper);
+    costs: exact cost of one unit of each structure; groups: standardisation group.
+    The cut is where the cumulative cost of the selected blocks comes closest to
+    ratio * (total cost of all units).
+    """
+    z = standardise(scores, groups)
+    selected = {n: torch.zeros(s.numel(), dtype=torch.bool) for n, s in scores.items()}
+    pools = [list(scores)] if ranking == "global" else [[n] for n in scores]
+    for names in pools:
+        total = sum(costs[n] * scores[n].numel() for n in names)
+        blocks = [b for n in names for b in _blocks(n, z[n].cpu(), costs[n], min_units, round_to)]
+        blocks.sort(key=lambda b: -b.score)  # stable: ties keep structure order
+        chosen = _cut(blocks, ratio * total)
+        count: dict[str, int] = {}
+        for b in chosen:
+            count[b.name] = count.get(b.name, 0) + 1
+        # Within a structure always prune a prefix of its blocks (the best-ranked ones).
+        per_structure = {}
+        for b in blocks:
+            per_structure.setdefault(b.name, []).append(b)
+        for name, n_blocks in count.items():
+            for b in sorted(per_structure[name], key=lambda b: b.order)[:n_blocks]:
+                selected[name][b.units] = True
+    return selected
+
+
+def _cut(blocks: list[_Block], budget: float) -> list[_Block]:
+    """Take blocks in rank order while they fit the budget; a block that would overshoot is
+    passed over for later (cheaper) ones, and at the end the one passed-over block that
+    brings the total closest to the budget is added if it does. The result lies within the
+    smallest block cost of the budget instead of the largest."""
+    chosen, spent, passed = [], 0.0, []
+    for b in blocks:
+        if spent + b.cost <= budget:
+            chosen.append(b)
+            spent += b.cost
+        else:
+            passed.append(b)
+    if passed:
+        best = min(passed, key=lambda b: abs(spent + b.cost - budget))
+        if abs(spent + best.cost - budget) < abs(spent - budget):
+            chosen.append(best)
+    return chosen
+
+
+class UPopSearch:
+    """Attach masks to every prunable structure of `model` and run the UPop search.
+
+    Call `step()` once per optimisation step, after `loss.backward()`. After
+    `config.total_steps` steps the masks are binary; `plan()` and `compress()` follow.
+    """
+
+    def __init__(self, model: nn.Module, config: UPopConfig, structures: list[Structure] | None = None) -> None:
+        if not isinstance(config, UPopConfig):
+            raise TypeError(f"config must be a upop.UPopConfig, got {type(config).__name__}")
+        config.validate()
+        self.model = model
+        self.config = config
+        self.structures = structures if structures is not None else discover(model)
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        self.masks = MaskSet(self.structures, config.granularity, device)
+        self.masks.attach()
+        self.scores = {s.name: torch.zeros(s.num_units(config.granularity), dtype=torch.float64)
+                       for s in self.structures}
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.current_ratio = 0.0
+        self._selected: dict[str, torch.Tensor] = {}
+        self._compressed = False
+
+    # ---- the loop --------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.step_count >= self.config.total_steps
+
+    def sparsity_loss(self) -> torch.Tensor:
+        """w_attn * sum|zeta_attn| + w_mlp * sum|zeta_mlp| (see UPopConfig on its effect)."""
+        cfg = self.config
+        terms = []
+        for s in self.structures:
+            weight = cfg.sparsity_weight_attn if s.is_attention else cfg.sparsity_weight_mlp
+            terms.append(weight * self.masks.values[s.name].abs().sum())
+        return torch.stack(terms).sum()
+
+    def step(self, grad_scale: float | None = None) -> None:
+        """Accumulate this step's mask gradients and, on interval boundaries, update the masks.
+
+        grad_scale: the AMP loss scale (e.g. `scaler.get_scale()`); gradients are divided
+        by it. A step whose mask gradients are not finite adds nothing to the scores.
+        """
+        if self.finished:
+            raise RuntimeError(
+                f"the search already ran its {self.config.total_steps} steps; call plan()/compress()"
+            )
+        grads = self.masks.grads()
+        if all(g is None for g in grads.values()):
+            warnings.warn("upop: step() found no mask gradients; call it after loss.backward()",
+                          stacklevel=2)
+        finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
+        if finite:
+            for name, g in grads.items():
+                if g is not None:
+                    g = g.detach().double().cpu()
+                    self.scores[name] += g / grad_scale if grad_scale else g
+        else:
+            self.skipped_steps += 1
+            warnings.warn(f"upop: non-finite mask gradient at step {self.step_count}; step skipped "
+                          f"({self.skipped_steps} so far)", stacklevel=2)
+        self.masks.zero_grad()
+        t = self.step_count
+        last = t == self.config.total_steps - 1
+        if last or (self.config.progressive and t % self.config.interval == 0):
+            self._update(t)
+        self.step_count += 1
+
+    # ---- the progressive update ---------------------------------------------------------------
+    def unit_costs(self) -> dict[str, float]:
+        """Exact cost of one unit of every structure under the configured budget."""
+        g = self.config.granularity
+        if self.config.budget == "params":
+            return {s.name: s.unit_params(g) for s in self.structures}
+        tokens = self._reduced_tokens()
+        if any(q == 0 for q, _ in tokens.values()):
+            raise RuntimeError('budget="flops" needs at least one forward pass before the first step()')
+        return {s.name: s.unit_flops(g, *tokens[s.name]) for s in self.structures}
+
+    def _reduced_tokens(self) -> dict[str, tuple[float, float]]:
+        tokens = {n: t.mean() for n, t in self.masks.tokens.items()}
+        if _world_size() > 1:  # every rank must rank with the same costs
+            flat = _all_reduce_mean(torch.tensor([v for n in self.scores for v in tokens[n]],
+                                                 dtype=torch.float64))
+            tokens = {n: (float(flat[2 * i]), float(flat[2 * i + 1])) for i, n in enumerate(self.scores)}
+        return tokens
+
+    def reduced_scores(self) -> dict[str, torch.Tensor]:
+        """The accumulated scores averaged over all ranks (identical on every rank)."""
+        if _world_size() <= 1:
+            return {n: s.clone() for n, s in self.scores.items()}
+        flat = _all_reduce_mean(torch.cat([s for s in self.scores.values()]))
+        out, start = {}, 0
+        for n, s in self.scores.items():
+            out[n] = flat[start:start + s.numel()]
+            start += s.numel()
+        return out
+
+    def _update(self, t: int) -> None:
+        cfg = self.config
+        ratio = ratio_at(t, cfg.total_steps, cfg.target)
+        self.current_ratio = ratio
+        self._selected = select_units(
+            self.reduced_scores(),
+            self.unit_costs(),
+            {s.name: s.score_group for s in self.structures},
+            ratio,
+            cfg.min_units,
+            cfg.round_to,
+            cfg.ranking,
+        )
+        value = 1.0 - ratio / cfg.target
+        for name, sel in self._selected.items():
+            mask = torch.ones(sel.numel(), dtype=torch.float32)
+            mask[sel] = value
+            self.masks.set(name, mask)
+
+    # ---- results ----------------------------------------------------------------------------
+    def mask_values(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach().clone() for n, m in self.masks.values.items()}
+
+    def plan(self) -> PruningPlan:
+        """The kept units of every structure (requires a finished search: binary masks)."""
+        if not self.finished:
+            raise RuntimeError(
+                f"the search has run {self.step_count} of {self.config.total_steps} steps; "
+                "the plan exists once the masks are binary at the last step"
+            )
+        g = self.config.granularity
+        entries = {}
+        for s in self.structures:
+            kept = torch.nonzero(~self._selected[s.name]).flatten().tolist()
+            entries[s.name] = StructurePlan(
+                kind=s.kind, unit=s.unit(g), total=s.num_units(g), kept=kept,
+                num_heads=s.num_heads, head_dim=s.head_dim, hidden=s.hidden,
+            )
+        costs = self.unit_costs()
+        total = sum(costs[s.name] * s.num_units(g) for s in self.structures)
+        removed = sum(costs[n] * int(sel.sum()) for n, sel in self._selected.items())
+        params = {s.name: s.unit_params(g) for s in self.structures}
+        stats = {
+            "target": self.config.target,
+            "budget": self.config.budget,
+            "granularity": g,
+            "achieved": removed / total if total else 0.0,
+            "prunable_params": sum(params[s.name] * s.num_units(g) for s in self.structures),
+            "pruned_params": sum(params[n] * int(sel.sum()) for n, sel in self._selected.items()),
+            "skipped_steps": self.skipped_steps,
+            "config": self.config.to_dict(),
+        }
+        return PruningPlan(structures=entries, model_class=type(self.model).__name__, stats=stats)
+
+    def remove(self) -> None:
+        """Detach the masks (hooks) from the model, leaving it as it was."""
+        self.masks.remove()
+
+    def compress(self) -> nn.Module:
+        """Remove the masks and slice the model in place; returns the same model object."""
+        if self._compressed:
+            raise RuntimeError("this search has already compressed its model")
+        plan = self.plan()
+        self.remove()
+        apply_plan(self.model, plan)
+        self._compressed = True
+        return self.model
+
+    # ---- resuming ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"score.{n}": s for n, s in self.scores.items()}
+        state.update({f"mask.{n}": m.detach().cpu() for n, m in self.masks.values.items()})
+        state.update({f"selected.{n}": s for n, s in self._selected.items()})
+        for n, t in self.masks.tokens.items():
+            state[f"tokens.{n}"] = torch.tensor(t.sums + t.count, dtype=torch.float64)
+        state["counters"] = torch.tensor([self.step_count, self.skipped_steps, self.current_ratio],
+                                         dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {f"score.{n}" for n in self.scores}
+        missing = sorted(expected - set(state))
+        if missing or "counters" not in state:
+            raise ValueError(f"search state does not match this model's structures (missing {missing[:3]})")
+        for n, s in self.scores.items():
+            if state[f"score.{n}"].shape != s.shape:
+                raise ValueError(f"search state for {n} has shape {tuple(state[f'score.{n}'].shape)}, "
+                                 f"expected {tuple(s.shape)}")
+        for n in self.scores:
+            self.scores[n] = state[f"score.{n}"].double().clone()
+            self.masks.set(n, state[f"mask.{n}"])
+            if f"selected.{n}" in state:
+                self._selected[n] = state[f"selected.{n}"].bool().clone()
+            t = state[f"tokens.{n}"].tolist()
+            self.masks.tokens[n].sums = t[:2]
+            self.masks.tokens[n].count = [int(c) for c in t[2:]]
+        step, skipped, ratio = state["counters"].tolist()
+        self.step_count, self.skipped_steps, self.current_ratio = int(step), int(skipped), ratio
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_mean(flat: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks; NCCL needs the tensor on this rank's GPU."""
+    if dist.get_backend() == "nccl":
+        reduced = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(reduced)
+        return (reduced / _world_size()).cpu()
+    reduced = flat.clone()
+    dist.all_reduce(reduced)
+    return reduced / _world_size()
