@@ -92,7 +92,7 @@ class Structure:
             rows = 3 * self.num_heads if lin is self.qkv else self.num_heads
             per_dim += rows * (lin.in_features + (lin.bias is not None))
         per_dim += self.num_heads * self.out.out_features
-        return float(per_dim if granularity == "head_dim" else per_dim * self.head_dim)
+        return float(self._per_unit(per_dim, granularity))
 
     def unit_flops(self, granularity: str, tokens_q: float, tokens_kv: float) -> float:
         """FLOPs (2 per multiply-add) of one sample's forward removed with one unit.
@@ -111,7 +111,11 @@ class Structure:
                 + tokens_kv * (self.k.in_features + self.v.in_features)
             )
         per_dim = proj + h * tokens_q * self.out.out_features + 2 * h * tokens_q * tokens_kv
-        return 2.0 * (per_dim if granularity == "head_dim" else per_dim * self.head_dim)
+        return 2.0 * self._per_unit(per_dim, granularity)
+
+    def _per_unit(self, per_dim: float, granularity: str) -> float:
+        """per_dim counts dim j of all H heads; a whole head is head_dim dims of one head."""
+        return per_dim if granularity == "head_dim" else per_dim * self.head_dim / self.num_heads
 
     # ---- index maps ---------------------------------------------------------------------
     def expand(self, unit_values: torch.Tensor, granularity: str) -> torch.Tensor:
