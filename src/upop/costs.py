@@ -57,3 +57,24 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of one forward in milliseconds, after `warmup` untimed runs."""
+    import time
+
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            run_model(model, example_inputs)
+        times = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            run_model(model, example_inputs)
+            times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+    times.sort()
+    return times[len(times) // 2]

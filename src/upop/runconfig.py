@@ -1,0 +1,222 @@
+"""The run configuration of `upop compress` / `upop evaluate`: YAML -> validated dataclasses.
+
+Every key is checked: an unknown key, a wrong type or a value out of range stops the run with
+one line naming the key, before any model is built or data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .config import UPopConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None  # a named preset built from a config (see upop.models.PRESETS)
+    name: str | None = None  # a Hugging Face name or a local folder
+    allow_download: bool = False  # hub names are fetched only when the user asks for it
+    num_labels: int | None = None  # classification: taken from the data when unset
+
+
+@dataclass
+class DataConfig:
+    format: str = "openmoji"  # openmoji | karpathy | imagefolder | fashion_mnist
+    root: str | None = None  # image root (karpathy), dataset root (imagefolder), cache (openmoji)
+    train: str | None = None  # karpathy annotation files, or imagefolder split folders
+    val: str | None = None
+    test: str | None = None
+    image_size: int = 64
+    max_tokens: int = 24
+    limit_train: int | None = None  # use only the first N training examples (quick runs, tests)
+    limit_eval: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    dense_epochs: int = 0  # train the dense model first (towers without pretrained weights)
+    search_epochs: int = 1
+    retrain_epochs: int = 1
+    dense_lr: float = 3e-4
+    search_lr: float = 1e-4  # constant during the search, as in the paper
+    lr: float = 1e-4  # retraining: cosine decay to min_lr
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_steps_per_epoch: int | None = None  # cap (quick runs and tests)
+
+
+@dataclass
+class EvalConfig:
+    latency_batches: list[int] = field(default_factory=lambda: [1, 32])
+    latency_repeats: int = 10
+    skip_latency: bool = False
+
+
+@dataclass
+class RunConfig:
+    task: str = "retrieval"  # retrieval | classification
+    seed: int = 0
+    output_dir: str = "runs/upop"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    upop: dict[str, Any] = field(default_factory=dict)  # UPopConfig fields except total_steps
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def upop_config(self, total_steps: int) -> UPopConfig:
+        return UPopConfig.from_dict({**self.upop, "total_steps": max(1, total_steps)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TASKS = ("retrieval", "classification")
+FORMATS = ("openmoji", "karpathy", "imagefolder", "fashion_mnist")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(f"config key '{path}' does not exist (known: {', '.join(sorted(known))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, path)
+        else:
+            values[key] = _check_type(value, hint, path)
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = type(None) in get_args(hint)
+    base = args[0] if optional and len(args) == 1 else hint
+    origin = get_origin(base) or base
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{path}' must not be empty")
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+    if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+    if origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise ConfigError(f"config key '{path}' must be a list of integers, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+    raise ConfigError(f"config key '{path}' has a value of the wrong type: {value!r}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if cfg.task not in TASKS:
+        bad(f"task must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.data.format not in FORMATS:
+        bad(f"data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+    if (cfg.model.preset is None) == (cfg.model.name is None):
+        bad("give exactly one of model.preset and model.name")
+    t = cfg.train
+    for key in ("batch_size", "eval_batch_size", "grad_accum"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key} must be >= 1")
+    for key in ("dense_epochs", "search_epochs", "retrain_epochs"):
+        if getattr(t, key) < 0:
+            bad(f"train.{key} must be >= 0")
+    if t.search_epochs < 1:
+        bad("train.search_epochs must be >= 1 (the search needs steps)")
+    for key in ("dense_lr", "search_lr", "lr"):
+        if not getattr(t, key) > 0:
+            bad(f"train.{key} must be > 0")
+    if not 0 <= t.label_smoothing < 1:
+        bad("train.label_smoothing must be in [0, 1)")
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        bad(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    if cfg.data.image_size < 8 or cfg.data.max_tokens < 4:
+        bad("data.image_size must be >= 8 and data.max_tokens >= 4")
+    if "total_steps" in cfg.upop:
+        bad("upop.total_steps is derived from train.search_epochs and the data; remove it")
+    try:
+        cfg.upop_config(total_steps=1)
+    except ValueError as exc:
+        bad(str(exc).replace("UPopConfig: ", "config section upop: "))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from the defaults) and apply `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return validate(_build(RunConfig, data, ""))

@@ -1,0 +1,18 @@
+"""Tasks: each builds its model and data, gives the loss of a batch and evaluates a model."""
+
+from __future__ import annotations
+
+from ..runconfig import RunConfig
+from .base import Task
+from .classification import ClassificationTask
+from .retrieval import RetrievalTask
+
+TASKS: dict[str, type[Task]] = {"retrieval": RetrievalTask, "classification": ClassificationTask}
+
+
+def make_task(cfg: RunConfig) -> Task:
+    """Validate the data and build the model of `cfg.task` (fails fast on bad input)."""
+    return TASKS[cfg.task](cfg)
+
+
+__all__ = ["TASKS", "ClassificationTask", "RetrievalTask", "Task", "make_task"]
