@@ -113,7 +113,8 @@ def _from_name(cfg: ModelConfig, task: str, num_labels: int | None) -> BuiltMode
     name = cfg.name
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or not cfg.allow_download):
-        hint = "" if name.startswith((".", "/", "~")) else " (or set model.allow_download: true to fetch it from the hub)"
+        is_path = name.startswith((".", "/", "~"))
+        hint = "" if is_path else " (or set model.allow_download: true to fetch it from the hub)"
         raise ConfigError(f"model.name {name!r}: no such local folder{hint}")
     kwargs = {"local_files_only": not cfg.allow_download}
     source = str(local) if local.exists() else name

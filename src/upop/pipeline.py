@@ -189,8 +189,11 @@ class Trainer:
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         decay, no_decay = [], []
         for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "position" in name or "embedding" in name.split(".")[-2:] else decay).append(p)
+            if not p.requires_grad:
+                continue
+            # no weight decay on biases, norms, embeddings and position tables (DeiT's recipe)
+            exempt = p.ndim < 2 or "position" in name or "embedding" in name
+            (no_decay if exempt else decay).append(p)
         return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.train.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 

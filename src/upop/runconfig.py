@@ -6,6 +6,7 @@ one line naming the key, before any model is built or data is read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -123,10 +124,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
     if origin is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
