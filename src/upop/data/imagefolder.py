@@ -1,0 +1,77 @@
+"""Image classification from a folder tree: root/<class name>/**/<image>, plus top-k accuracy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ._common import DataError, load_image, require_dir
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageFolderDataset(Dataset):
+    """Items are (image, label); label = index of the class folder in sorted `classes`.
+
+    Checked at construction: the root exists, it has at least 2 class folders, and every class
+    holds at least one image file (searched recursively; hidden files and folders are ignored).
+    Images are decoded lazily, as PIL RGB images unless a `transform` is given.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None,
+                 extensions: Iterable[str] = IMG_EXTENSIONS) -> None:
+        self.root = require_dir(Path(root), "image folder root")
+        self.transform = transform
+        exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+        self.classes: list[str] = sorted(
+            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if len(self.classes) < 2:
+            raise DataError(f"{self.root}: expected at least 2 class subfolders, found {len(self.classes)}"
+                            + (f" ({self.classes[0]!r})" if self.classes else ""))
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(self.classes):
+            files = _find_images(self.root / name, exts)
+            if not files:
+                raise DataError(f"{self.root / name}: class folder holds no image files ({', '.join(exts)})")
+            self.samples.extend((f, label) for f in files)
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        path, label = self.samples[i]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def _find_images(folder: Path, exts: tuple[str, ...]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: a stable sample order
+        found.extend(Path(dirpath, f) for f in sorted(filenames)
+                     if not f.startswith(".") and f.lower().endswith(exts))
+    return found
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent for each k, keyed "top{k}"; k is clipped to the number of classes."""
+    logits, labels = torch.as_tensor(logits).detach().cpu(), torch.as_tensor(labels).detach().cpu().long()
+    if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    n, n_classes = logits.shape
+    if n == 0:
+        raise ValueError("top_k_accuracy needs at least one example")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
+    top = logits.topk(min(max(ks), n_classes), dim=1).indices
+    hit = top == labels[:, None]
+    return {f"top{k}": 100.0 * hit[:, : min(k, n_classes)].any(dim=1).float().mean().item() for k in ks}

@@ -1,0 +1,231 @@
+"""Image-text retrieval data in the COCO / Flickr30K "Karpathy split" JSON format used by BLIP and UPop.
+
+train file: a list of {"image": "relative/path.jpg", "caption": "a string", "image_id": str | int},
+one entry per caption (`image_id` is optional; the image path is used when it is absent).
+val/test file: a list of {"image": "relative/path.jpg", "caption": ["cap 1", "cap 2", ...]}, one entry per image.
+
+Both files are checked completely when the dataset is built (structure, types, non-empty captions,
+existence of every image file); images are decoded lazily in `__getitem__`.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ._common import DataError, load_image, read_json, require_dir
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+def pre_caption(text: str, max_words: int = 30) -> str:
+    """Normalise a caption: lowercase, punctuation and symbols (except apostrophes) to spaces,
+    whitespace collapsed, at most `max_words` words."""
+    if max_words < 1:
+        raise ValueError(f"max_words must be >= 1, got {max_words}")
+    text = text.lower().translate(_APOSTROPHES)
+    # Unicode categories P* (punctuation) and S* (symbols) cover ASCII and non-ASCII marks alike.
+    chars = (" " if ch != "'" and unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    return " ".join("".join(chars).split()[:max_words])
+
+
+def _entries(ann_file: Path, split_kind: str) -> list[Any]:
+    data = read_json(ann_file)
+    if not isinstance(data, list):
+        raise DataError(f"{ann_file}: expected a JSON list of {split_kind} entries, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{ann_file}: contains no entries")
+    return data
+
+
+def _image_path(ann_file: Path, i: int, entry: Any, image_root: Path, checked: dict[str, Path]) -> Path:
+    if not isinstance(entry, dict):
+        raise DataError(f"{ann_file}: entry {i}: expected an object, got {type(entry).__name__}")
+    if "image" not in entry:
+        raise DataError(f"{ann_file}: entry {i}: missing key 'image'")
+    rel = entry["image"]
+    if not isinstance(rel, str) or not rel.strip():
+        raise DataError(f"{ann_file}: entry {i}: 'image' must be a non-empty string, got {rel!r}")
+    if "caption" not in entry:
+        raise DataError(f"{ann_file}: entry {i}: missing key 'caption'")
+    path = checked.get(rel)
+    if path is None:  # stat each distinct image once (COCO train has 5 entries per image)
+        path = image_root / rel
+        if not path.is_file():
+            raise DataError(f"{ann_file}: entry {i}: image file not found: {path}")
+        checked[rel] = path
+    return path
+
+
+def _caption(ann_file: Path, where: str, raw: Any, max_words: int) -> str:
+    if not isinstance(raw, str):
+        raise DataError(f"{ann_file}: {where}: caption must be a string, got {type(raw).__name__}")
+    caption = pre_caption(raw, max_words)
+    if not caption:
+        raise DataError(f"{ann_file}: {where}: caption is empty" + (" after normalisation" if raw.strip() else ""))
+    return caption
+
+
+class KarpathyTrain(Dataset):
+    """Training captions: item i is (image, caption, image_index).
+
+    `image_index` is a contiguous id per distinct image_id (in order of first appearance), so a
+    contrastive loss can treat captions of the same image as positives. The image is a PIL RGB image,
+    or whatever `transform` (settable after construction) returns.
+    """
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable | None = None,
+                 max_words: int = 30) -> None:
+        self.ann_file, self.image_root = Path(ann_file), Path(image_root)
+        self.transform = transform
+        require_dir(self.image_root, "image root")
+        checked: dict[str, Path] = {}
+        index_of: dict[Any, int] = {}
+        self.image_ids: list[str | int] = []  # distinct image ids; position = image_index
+        self.samples: list[tuple[Path, str, int]] = []
+        for i, entry in enumerate(_entries(self.ann_file, "train")):
+            path = _image_path(self.ann_file, i, entry, self.image_root, checked)
+            raw = entry["caption"]
+            if isinstance(raw, list):
+                raise DataError(f"{self.ann_file}: entry {i}: caption must be a string, got a list "
+                                "(a val/test file? train files have one entry per caption)")
+            caption = _caption(self.ann_file, f"entry {i}", raw, max_words)
+            image_id = entry.get("image_id", entry["image"])
+            # bool is an int subclass, and 1/True or 1/"1" mixing would silently merge or split images
+            if isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
+                raise DataError(f"{self.ann_file}: entry {i}: 'image_id' must be a string or an integer, "
+                                f"got {type(image_id).__name__}")
+            idx = index_of.setdefault((type(image_id), image_id), len(index_of))
+            if idx == len(self.image_ids):
+                self.image_ids.append(image_id)
+            self.samples.append((path, caption, idx))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, str, int]:
+        path, caption, idx = self.samples[i]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), caption, idx
+
+
+class KarpathyEval(Dataset):
+    """Val/test split: items are (image, i) over images; captions are in `texts`.
+
+    `images[i]` is the path of image i, `texts` the flat list of captions, `img2txt[i]` the indices
+    of image i's captions in `texts`, `txt2img[t]` the image of caption t.
+    """
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, transform: Callable | None = None,
+                 max_words: int = 30) -> None:
+        self.ann_file, self.image_root = Path(ann_file), Path(image_root)
+        self.transform = transform
+        require_dir(self.image_root, "image root")
+        checked: dict[str, Path] = {}
+        first_entry: dict[str, int] = {}
+        self.images: list[Path] = []
+        self.texts: list[str] = []
+        self.img2txt: list[list[int]] = []
+        self.txt2img: list[int] = []
+        for i, entry in enumerate(_entries(self.ann_file, "val/test")):
+            path = _image_path(self.ann_file, i, entry, self.image_root, checked)
+            # a repeated image would split its captions over two "images" and corrupt the recall ground truth
+            if entry["image"] in first_entry:
+                raise DataError(f"{self.ann_file}: entry {i}: image {entry['image']!r} already listed in entry "
+                                f"{first_entry[entry['image']]} (val/test files have one entry per image)")
+            first_entry[entry["image"]] = i
+            raw = entry["caption"]
+            if not isinstance(raw, list):
+                hint = " (a train file? val/test files list all captions of an image)" if isinstance(raw, str) else ""
+                raise DataError(f"{self.ann_file}: entry {i}: caption must be a list of strings, "
+                                f"got {type(raw).__name__}{hint}")
+            if not raw:
+                raise DataError(f"{self.ann_file}: entry {i}: caption list is empty")
+            ids = []
+            for j, cap in enumerate(raw):
+                self.texts.append(_caption(self.ann_file, f"entry {i} caption {j}", cap, max_words))
+                self.txt2img.append(len(self.images))
+                ids.append(len(self.texts) - 1)
+            self.images.append(path)
+            self.img2txt.append(ids)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image = load_image(self.images[i])
+        return (self.transform(image) if self.transform else image), i
+
+
+def _ranks(scores: torch.Tensor, gt: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Best (lowest) 0-based position of any ground-truth column in each row's descending sort.
+
+    `gt` is (rows, max_gt) with -1 padding. Rows are processed in chunks to bound memory
+    (a full position matrix for COCO 5k x 25k would be 1 GB). Ties: the lower column index ranks first.
+    """
+    n_rows, n_cols = scores.shape
+    out = torch.empty(n_rows, dtype=torch.long)
+    cols = torch.arange(n_cols).expand(min(chunk, n_rows), n_cols)
+    for start in range(0, n_rows, chunk):
+        block = scores[start:start + chunk]
+        order = torch.argsort(block, dim=1, descending=True, stable=True)
+        position = torch.empty_like(order).scatter_(1, order, cols[: block.shape[0]])
+        g = gt[start:start + chunk]
+        pos = position.gather(1, g.clamp(min=0)).masked_fill(g < 0, n_cols)
+        out[start:start + chunk] = pos.min(dim=1).values
+    return out
+
+
+def recall_at_k(sim_i2t: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> dict[str, float]:
+    """Retrieval recall@1/5/10 in percent, as in the BLIP/UPop evaluation.
+
+    Image->text rank of an image: best position among its ground-truth captions in its row of
+    `sim_i2t` (n_images x n_texts) sorted descending; text->image rank: position of its image in
+    the text's row of `sim_i2t.T`. Returns txt_r1/5/10 (image->text), img_r1/5/10 (text->image),
+    their means txt_r_mean / img_r_mean, and r_mean (mean of both).
+    """
+    sim = torch.as_tensor(sim_i2t).detach().float().cpu()
+    if sim.dim() != 2:
+        raise ValueError(f"sim_i2t must be 2-D (n_images, n_texts), got shape {tuple(sim.shape)}")
+    n_img, n_txt = sim.shape
+    if len(img2txt) != n_img or len(txt2img) != n_txt:
+        raise ValueError(f"sim_i2t has shape {(n_img, n_txt)} but img2txt has {len(img2txt)} images "
+                         f"and txt2img {len(txt2img)} texts")
+    if n_img == 0 or n_txt == 0:
+        raise ValueError("recall_at_k needs at least one image and one text")
+    if torch.isnan(sim).any():
+        raise ValueError("sim_i2t contains NaN")
+    width = max(len(t) for t in img2txt)
+    if min(len(t) for t in img2txt) == 0:
+        raise ValueError("every image needs at least one ground-truth text in img2txt")
+    gt_i2t = torch.full((n_img, width), -1, dtype=torch.long)
+    for i, texts in enumerate(img2txt):
+        ids = torch.as_tensor(list(texts), dtype=torch.long)
+        if ids.min() < 0 or ids.max() >= n_txt:
+            raise ValueError(f"img2txt[{i}] holds a text index outside 0..{n_txt - 1}")
+        gt_i2t[i, : len(ids)] = ids
+    gt_t2i = torch.as_tensor(list(txt2img), dtype=torch.long).view(-1, 1)
+    if gt_t2i.min() < 0 or gt_t2i.max() >= n_img:
+        raise ValueError(f"txt2img holds an image index outside 0..{n_img - 1}")
+    rank_i2t = _ranks(sim, gt_i2t)
+    rank_t2i = _ranks(sim.t().contiguous(), gt_t2i)
+
+    def recall(ranks: torch.Tensor, k: int) -> float:
+        return 100.0 * (ranks < k).float().mean().item()
+
+    out: dict[str, float] = {}
+    for prefix, ranks in (("txt", rank_i2t), ("img", rank_t2i)):
+        recalls = [recall(ranks, k) for k in (1, 5, 10)]
+        out.update({f"{prefix}_r1": recalls[0], f"{prefix}_r5": recalls[1], f"{prefix}_r10": recalls[2],
+                    f"{prefix}_r_mean": sum(recalls) / 3})
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
