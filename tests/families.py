@@ -84,6 +84,49 @@ def _cross_inputs(width: int):
     return make
 
 
+TIMM_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+OPEN_CLIP = dict(
+    embed_dim=16,
+    vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=4),
+    text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2),
+)
+
+
+def _timm(name: str, **extra):
+    def build() -> nn.Module:
+        import upop
+
+        return upop.create_model("timm", name, **TIMM_VIT, **extra)
+    return build
+
+
+def _timm_eager(name: str):
+    def build() -> nn.Module:
+        from timm.layers import set_fused_attn
+
+        set_fused_attn(False)
+        try:
+            return _timm(name)()
+        finally:
+            set_fused_attn(True)
+    return build
+
+
+def _open_clip() -> nn.Module:
+    import upop
+
+    return upop.create_model("open_clip", "CLIP", **OPEN_CLIP)
+
+
+def _open_clip_inputs(g: torch.Generator) -> dict:
+    return {"image": _pixels(g), "text": torch.randint(1, VOCAB, (2, 8), generator=g)}
+
+
+def _open_clip_probe(out) -> torch.Tensor:
+    image_features, text_features, logit_scale = out[:3]
+    return _cat(image_features, text_features)
+
+
 FAMILIES = [
     Family("clip", _clip, lambda g: {**_text(g), "pixel_values": _pixels(g)},
            lambda o: _cat(o.logits_per_image, o.text_embeds, o.image_embeds)),
@@ -104,4 +147,20 @@ FAMILIES = [
     Family("dual_encoder", _dual, lambda g: {**_text(g), "pixel_values": _pixels(g)},
            lambda o: _cat(o.logits_per_image, o.text_embeds, o.image_embeds)),
 ]
-FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+
+# Families of issue 5 (timm, open_clip): same guarantees, same tests.
+FAMILIES += [
+    Family("timm_vit", _timm("vit_tiny_patch16_224"), lambda g: {"x": _pixels(g)}, lambda o: o),
+    Family("timm_vit_eager", _timm_eager("vit_tiny_patch16_224"), lambda g: {"x": _pixels(g)}, lambda o: o),
+    Family("timm_deit_distilled", _timm("deit_tiny_distilled_patch16_224"), lambda g: {"x": _pixels(g)},
+           lambda o: o),
+    Family("timm_layerscale", _timm("vit_tiny_patch16_224", init_values=0.1), lambda g: {"x": _pixels(g)},
+           lambda o: o),
+    Family("open_clip", _open_clip, _open_clip_inputs, _open_clip_probe),
+    Family("siglip", lambda: tf.SiglipModel(tf.SiglipConfig(text_config=TEXT, vision_config=VISION)),
+           lambda g: {"input_ids": _text(g)["input_ids"], "pixel_values": _pixels(g)},
+           lambda o: _cat(o.logits_per_image, o.text_embeds, o.image_embeds)),
+]
+HEAD_ONLY = [Family("timm_qk_norm", _timm("vit_tiny_patch16_224", qk_norm=True), lambda g: {"x": _pixels(g)},
+                    lambda o: o)]
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES + HEAD_ONLY}

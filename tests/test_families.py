@@ -54,6 +54,7 @@ def test_apply_plan_on_fresh_model_matches(fam):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     search.compress()
     fresh = fam.build().eval()
+    upop.structures(fresh)  # discovery swaps in equivalent modules (open_clip) as on the searched model
     fresh.load_state_dict(state)
     upop.apply_plan(fresh, plan)
     with torch.no_grad():
@@ -75,3 +76,57 @@ def test_structures_report_modalities():
     }
     for s in found:
         assert s["units"] > 0 and s["unit_params"] > 0 and s["layer"] in (0, 1)
+
+
+def test_per_head_norm_allows_whole_heads_only(tmp_path):
+    from families import HEAD_ONLY
+
+    fam = HEAD_ONLY[0]
+    with pytest.raises(ValueError, match="qk_norm.*granularity='head'"):
+        upop.UPopSearch(fam.build(), upop.UPopConfig(granularity="head_dim"))
+    config = upop.UPopConfig(target=0.5, total_steps=12, interval=3, granularity="head")
+    model, inputs, _, search = run_search(fam, config)
+    with torch.no_grad():
+        masked = fam.probe(model(**inputs))
+    search.compress()
+    with torch.no_grad():
+        assert (fam.probe(model(**inputs)) - masked).abs().max() <= 1e-5
+    upop.save_pretrained(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(fam.probe(upop.from_pretrained(tmp_path / "m")(**inputs)), fam.probe(model(**inputs)))
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("timm_vit", "open_clip")], ids=lambda f: f.name)
+def test_swapped_modules_match_the_original_before_pruning(fam):
+    """open_clip's nn.MultiheadAttention is replaced by an equivalent; timm is untouched."""
+    torch.manual_seed(0)
+    model = fam.build().eval()
+    inputs = fam.inputs(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = fam.probe(model(**inputs)).clone()
+        upop.UPopSearch(model, upop.UPopConfig()).remove()  # discovery swaps, hooks removed
+        after = fam.probe(model(**inputs))
+    assert (before - after).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("timm_vit", "timm_deit_distilled", "open_clip")],
+                         ids=lambda f: f.name)
+def test_round_to_8_and_onnx_export(fam, granularity, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    config = upop.UPopConfig(target=0.5, total_steps=12, interval=3, granularity=granularity, round_to=8)
+    model, inputs, _, search = run_search(fam, config)
+    plan = search.plan()
+    search.compress()
+    for sp in plan.structures.values():  # kept channel widths are multiples of 8
+        assert len(sp.kept) * (sp.head_dim if sp.unit == "head" else 1) % 8 == 0
+    names = list(inputs)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, tuple(inputs.values()), str(path), input_names=names, dynamo=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {n: inputs[n].numpy() for n in names})
+    with torch.no_grad():
+        expected = fam.probe(model(**inputs)).reshape(-1)
+    got = torch.cat([torch.as_tensor(o).reshape(-1) for o in outputs[: (3 if fam.name == "open_clip" else 1)]])
+    got = got[: expected.numel()] if fam.name == "open_clip" else got
+    assert (got - expected).abs().max() <= 1e-4

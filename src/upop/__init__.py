@@ -1,7 +1,7 @@
 """upop: unified and progressive structured pruning of vision-language transformers."""
 
 from .adapters import SUPPORTED_FAMILIES, UnsupportedModelError, discover
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .checkpoint import CheckpointError, create_model, from_pretrained, save_pretrained
 from .compress import apply_plan
 from .config import UPopConfig
 from .costs import count_flops, count_params
@@ -30,6 +30,7 @@ __all__ = [
     "apply_plan",
     "count_flops",
     "count_params",
+    "create_model",
     "from_pretrained",
     "ratio_at",
     "save_pretrained",

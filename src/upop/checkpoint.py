@@ -68,25 +68,103 @@ def _build_transformers(meta: dict[str, Any], folder: Path) -> nn.Module:
 
 
 def _library_of(model: nn.Module) -> str:
+    build = getattr(model, "upop_build", None)
+    if isinstance(build, dict) and build.get("library") in _BUILD:
+        return build["library"]
     try:
         import transformers
     except ImportError:  # pragma: no cover - transformers is a dependency
         transformers = None
     if transformers is not None and isinstance(model, transformers.PreTrainedModel):
         return "transformers"
+    if type(model).__module__.startswith("timm."):
+        return "timm"
+    if type(model).__module__.startswith("open_clip"):
+        raise CheckpointError("this open_clip model does not record how it was built: create it with "
+                              "upop.create_model('open_clip', name, **kwargs) or pass build={...}")
     raise CheckpointError(
-        f"upop.save_pretrained supports Hugging Face transformers models; got {type(model).__name__}"
+        f"upop.save_pretrained supports transformers, timm and open_clip models; got {type(model).__name__}"
     )
 
 
-_DESCRIBE = {"transformers": _describe_transformers}
-_BUILD = {"transformers": _build_transformers}
+def create_model(library: str, name: str, **kwargs: Any) -> nn.Module:
+    """Build a timm or open_clip model (random weights) and record how, so that
+    `save_pretrained` / `from_pretrained` can rebuild it offline. kwargs must be JSON values.
+
+    library "timm": `timm.create_model(name, pretrained=False, **kwargs)`;
+    library "open_clip": `open_clip.create_model(name, pretrained=None, **kwargs)`, or with
+    name "CLIP" an `open_clip.CLIP(**kwargs)` from explicit vision_cfg / text_cfg dicts.
+    """
+    if library not in ("timm", "open_clip"):
+        raise ValueError(f"create_model builds timm or open_clip models, not {library!r}")
+    try:
+        json.dumps(kwargs)
+    except TypeError as exc:
+        raise ValueError(f"create_model kwargs must be JSON values: {exc}") from None
+    build = {"library": library, "name": name, "kwargs": kwargs}
+    model = _build_recorded(build, Path("."))
+    model.upop_build = build
+    return model
+
+
+def _build_recorded(meta: dict[str, Any], folder: Path) -> nn.Module:
+    library, name, kwargs = meta.get("library"), meta.get("name"), meta.get("kwargs") or {}
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{folder}: the model description needs a name and a kwargs mapping")
+    try:
+        if library == "timm":
+            import timm
+
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            if isinstance(meta.get("fused_attn"), bool):
+                for module in model.modules():
+                    if hasattr(module, "fused_attn"):
+                        module.fused_attn = meta["fused_attn"]
+            return model
+        import open_clip
+
+        if name == "CLIP":
+            return open_clip.CLIP(**kwargs)
+        return open_clip.create_model(name, pretrained=None, **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: cannot build {library} model {name!r}: {exc}") from None
+
+
+def _attention_paths(model: nn.Module) -> dict[str, bool]:
+    """timm picks fused SDPA or eager attention per module at construction; both are exact
+    after compression, but a bit-identical reload needs the same path."""
+    return {n: bool(m.fused_attn) for n, m in model.named_modules() if hasattr(m, "fused_attn")}
+
+
+def _describe_recorded(model: nn.Module, folder: Path) -> dict[str, Any]:
+    build = getattr(model, "upop_build", None)
+    if isinstance(build, dict):
+        build = {k: build[k] for k in ("library", "name", "kwargs") if k in build}
+        paths = set(_attention_paths(model).values())
+        return {**build, "fused_attn": paths.pop()} if len(paths) == 1 else build
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise CheckpointError("this timm model does not say its architecture: create it with "
+                              "upop.create_model('timm', name, **kwargs)")
+    model.upop_build = {"library": "timm", "name": arch, "kwargs": {}}
+    return _describe_recorded(model, folder)
+
+
+_DESCRIBE = {"transformers": _describe_transformers, "timm": _describe_recorded, "open_clip": _describe_recorded}
+_BUILD = {"transformers": _build_transformers, "timm": _build_recorded, "open_clip": _build_recorded}
 
 
 # ---- public API ------------------------------------------------------------------------------------
-def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write `model` (pruned or not) to `folder`. Files appear only when all are written."""
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, build: dict[str, Any] | None = None) -> Path:
+    """Write `model` (pruned or not) to `folder`. Files appear only when all are written.
+
+    build: for timm / open_clip models not made by `upop.create_model`, how to rebuild the base
+    model: {"library": "timm" | "open_clip", "name": ..., "kwargs": {...}}.
+    """
     folder = Path(folder)
+    if build is not None:
+        model.upop_build = build
     library = _library_of(model)
     plan = current_plan(model)
     structures = {s.name: s for s in discover(model)}
@@ -165,6 +243,8 @@ def from_pretrained(folder: str | os.PathLike) -> nn.Module:
     except PlanError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
     model.upop_plan = plan
+    if meta["library"] != "transformers":
+        model.upop_build = {k: meta[k] for k in ("library", "name", "kwargs") if k in meta}
     _check_weights(model, folder / WEIGHTS_FILE)
     missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
     if unexpected:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .adapters import discover
-from .plan import PruningPlan
+from .plan import PlanError, PruningPlan
 from .structures import Structure
 
 
@@ -80,6 +80,12 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     structures = discover(model)
     plan.check_fits(structures)
     by_name = {s.name: s for s in structures}
+    for name, sp in plan.structures.items():
+        try:
+            if len(sp.kept) < sp.total:
+                by_name[name].check_granularity(sp.unit)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
     for name, sp in plan.structures.items():
         if len(sp.kept) < sp.total:
             slice_structure(by_name[name], sp.kept, sp.unit)

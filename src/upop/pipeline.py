@@ -187,15 +187,19 @@ class Trainer:
         return model
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        """AdamW; no weight decay on biases, norms, embeddings and position tables (DeiT's recipe);
+        each group carries its `lr_scale` (train.lr_multipliers) for the schedules."""
+        multipliers = self.cfg.train.lr_multipliers
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            # no weight decay on biases, norms, embeddings and position tables (DeiT's recipe)
+            scale = next((float(f) for prefix, f in multipliers.items() if name.startswith(prefix)), 1.0)
             exempt = p.ndim < 2 or "position" in name or "embedding" in name
-            (no_decay if exempt else decay).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.train.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+            groups.setdefault((scale, exempt), []).append(p)
+        wd = self.cfg.train.weight_decay
+        return torch.optim.AdamW([{"params": ps, "weight_decay": 0.0 if exempt else wd, "lr_scale": scale}
+                                  for (scale, exempt), ps in groups.items()], lr=lr)
 
     def epoch(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, phase: str, epoch: int,
               lr_at, search: UPopSearch | None = None) -> float:
@@ -211,7 +215,7 @@ class Trainer:
         for step in bar:
             global_step = epoch * self.steps_per_epoch + step
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step)
+                group["lr"] = lr_at(global_step) * group.get("lr_scale", 1.0)
             for micro in range(accum):
                 batch = {k: v.to(env.device) for k, v in next(batches).items()}
                 sync = micro == accum - 1 or env.world == 1
@@ -235,7 +239,7 @@ class Trainer:
                 postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
                 if search is not None:
                     postfix["ratio"] = f"{search.current_ratio:.3f}"
-                bar.set_postfix(postfix)
+                bar.set_postfix(postfix, refresh=False)
         return sum(losses) / max(1, len(losses))
 
 
@@ -243,8 +247,14 @@ def _reseed(seed: int, phase: str, epoch: int) -> None:
     torch.manual_seed(seed * 100_003 + PHASES.index(phase) * 1009 + epoch)
 
 
-def cosine(lr: float, min_lr: float, total: int):
-    return lambda step: min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+def cosine(lr: float, min_lr: float, total: int, warmup: int = 0):
+    """Linear warmup over `warmup` steps, then cosine decay from lr to min_lr at `total`."""
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = min(step - warmup, total - warmup) / max(1, total - warmup)
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_at
 
 
 # ---- measuring -----------------------------------------------------------------------------------
@@ -279,6 +289,7 @@ def run_compress(cfg: RunConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).expanduser()
     setup_logging(out, env.main)
     started = time.time()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
     task = make_task(cfg)  # reads and checks the data, builds the model: fails before any training
     trainer = Trainer(cfg, task, env)
     t = cfg.train
@@ -300,7 +311,7 @@ def run_compress(cfg: RunConfig) -> dict[str, Any]:
         optimizer = trainer.optimizer(model, t.dense_lr)
         if progress["epoch"]:
             state.load_optimizer(optimizer)
-        lr_at = cosine(t.dense_lr, t.min_lr, t.dense_epochs * trainer.steps_per_epoch)
+        lr_at = cosine(t.dense_lr, t.min_lr, t.dense_epochs * trainer.steps_per_epoch, t.warmup_steps)
         for epoch in range(progress["epoch"], t.dense_epochs):
             phase_start = time.time()
             loss = trainer.epoch(wrapped, optimizer, phase="dense", epoch=epoch, lr_at=lr_at)
@@ -311,7 +322,6 @@ def run_compress(cfg: RunConfig) -> dict[str, Any]:
                 state.save(progress, model, optimizer)
             env.barrier()
         progress["dense"] = measure(cfg, task, model, env.device)
-        progress["dense_val"] = task.evaluate(model, "val", env.device)[task.metric]
         log.info("dense model: %s %.2f (test), %.2fM params, %.3f GFLOPs", task.metric, progress["dense"]["metric"],
                  progress["dense"]["params"] / 1e6, progress["dense"]["flops"] / 1e9)
         progress.update(phase="search", epoch=0)
@@ -344,12 +354,16 @@ def run_compress(cfg: RunConfig) -> dict[str, Any]:
         search.compress()
         log.info("compressed: %.2fM params (%.1f%% of the prunable %s removed, target %.1f%%)",
                  count_params(model) / 1e6, 100 * plan.stats["achieved"], upop_cfg.budget, 100 * upop_cfg.target)
-        progress["searched"] = {"metric": task.evaluate(model, "val", env.device)[task.metric]}
-        log.info("after search, before retraining: val %s %.2f", task.metric, progress["searched"]["metric"])
+        # the compressed model before retraining, on the same test split as the other columns
+        progress["searched"] = {"metric": task.evaluate(model, "test", env.device)[task.metric],
+                                "params": count_params(model)}
+        log.info("after search, before retraining: test %s %.2f", task.metric, progress["searched"]["metric"])
         progress.update(phase="retrain", epoch=0, best=None)
         if env.main:
             state.save(progress, model, None, plan=plan)
             plan.save(out / "plan.json")
+        if env.world > 1:  # every rank records its own decision, to show they agree
+            plan.save(out / f"plan.rank{env.rank}.json")
         env.barrier()
     else:
         plan = state.plan()
@@ -364,7 +378,7 @@ def run_compress(cfg: RunConfig) -> dict[str, Any]:
         optimizer = trainer.optimizer(model, t.lr)
         if progress["epoch"]:
             state.load_optimizer(optimizer)
-        lr_at = cosine(t.lr, t.min_lr, t.retrain_epochs * trainer.steps_per_epoch)
+        lr_at = cosine(t.lr, t.min_lr, t.retrain_epochs * trainer.steps_per_epoch, t.warmup_steps)
         if t.retrain_epochs == 0 and env.main:
             save_pretrained(model, best_dir)
         for epoch in range(progress["epoch"], t.retrain_epochs):

@@ -55,6 +55,9 @@ class TrainConfig:
     search_lr: float = 1e-4  # constant during the search, as in the paper
     lr: float = 1e-4  # retraining: cosine decay to min_lr
     min_lr: float = 0.0
+    warmup_steps: int = 0  # linear warmup of dense training and retraining
+    # learning-rate multipliers by parameter-name prefix, e.g. {text_model: 0.1} for a pretrained tower
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     grad_accum: int = 1
@@ -170,6 +173,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("dense_lr", "search_lr", "lr"):
         if not getattr(t, key) > 0:
             bad(f"train.{key} must be > 0")
+    for prefix, factor in t.lr_multipliers.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            bad(f"train.lr_multipliers.{prefix} must be a number > 0, got {factor!r}")
+    if t.warmup_steps < 0:
+        bad("train.warmup_steps must be >= 0")
     if not 0 <= t.label_smoothing < 1:
         bad("train.label_smoothing must be in [0, 1)")
     if t.mixed_precision not in ("no", "fp16", "bf16"):

@@ -85,7 +85,7 @@ def select_units(
     groups: dict[str, str],
     ratio: float,
     min_units: int = 1,
-    round_to: int = 1,
+    round_to: int | dict[str, int] = 1,
     ranking: str = "global",
 ) -> dict[str, torch.Tensor]:
     """Boolean "selected for pruning" per structure.
@@ -93,14 +93,16 @@ def select_units(
     scores: raw accumulated scores per structure (higher = pruned first, as in the paper);
     costs: exact cost of one unit of each structure; groups: standardisation group.
     The cut is where the cumulative cost of the selected blocks comes closest to
-    ratio * (total cost of all units).
+    ratio * (total cost of all units). round_to: kept units are a multiple of it (one value, or
+    one per structure).
     """
+    steps = round_to if isinstance(round_to, dict) else dict.fromkeys(scores, round_to)
     z = standardise(scores, groups)
     selected = {n: torch.zeros(s.numel(), dtype=torch.bool) for n, s in scores.items()}
     pools = [list(scores)] if ranking == "global" else [[n] for n in scores]
     for names in pools:
         total = sum(costs[n] * scores[n].numel() for n in names)
-        blocks = [b for n in names for b in _blocks(n, z[n].cpu(), costs[n], min_units, round_to)]
+        blocks = [b for n in names for b in _blocks(n, z[n].cpu(), costs[n], min_units, steps[n])]
         blocks.sort(key=lambda b: -b.score)  # stable: ties keep structure order
         chosen = _cut(blocks, ratio * total)
         count: dict[str, int] = {}
@@ -149,6 +151,8 @@ class UPopSearch:
         self.model = model
         self.config = config
         self.structures = structures if structures is not None else discover(model)
+        for s in self.structures:
+            s.check_granularity(config.granularity)
         try:
             device = next(model.parameters()).device
         except StopIteration:
@@ -248,7 +252,7 @@ class UPopSearch:
             {s.name: s.score_group for s in self.structures},
             ratio,
             cfg.min_units,
-            cfg.round_to,
+            {s.name: s.unit_step(cfg.granularity, cfg.round_to) for s in self.structures},
             cfg.ranking,
         )
         value = 1.0 - ratio / cfg.target

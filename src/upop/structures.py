@@ -7,6 +7,7 @@ Linear stacks q, k and v: index = t * (H * head_dim) + h * head_dim + j.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,10 @@ import torch
 from torch import nn
 
 ATTENTION_KINDS = ("attention", "cross_attention")
+
+
+class UnsupportedStructureError(ValueError):
+    """A structure that cannot be pruned exactly as asked."""
 KINDS = (*ATTENTION_KINDS, "mlp")
 
 
@@ -53,6 +58,14 @@ class Structure:
     fc2: nn.Linear | None = None
     temperature_follows_width: bool = False
     set_shape: Callable[[int, int], None] | None = field(default=None, repr=False)
+    per_head_norm: nn.Module | None = field(default=None, repr=False)  # e.g. timm qk_norm
+
+    def check_granularity(self, granularity: str) -> None:
+        """Refuse what cannot be exact: a norm over head_dim sees masked dims as zeros."""
+        if self.is_attention and granularity == "head_dim" and self.per_head_norm is not None:
+            raise UnsupportedStructureError(
+                f"{self.name}: head_dim pruning is not exact under a per-head norm (qk_norm); "
+                "use granularity='head'")
 
     @property
     def is_attention(self) -> bool:
@@ -70,6 +83,13 @@ class Structure:
         if not self.is_attention:
             return self.hidden
         return self.head_dim if granularity == "head_dim" else self.num_heads
+
+    def unit_step(self, granularity: str, round_to: int) -> int:
+        """Units per block so that kept *channel* widths are multiples of round_to: a whole
+        head is head_dim channels, so heads come in blocks of round_to / gcd(round_to, head_dim)."""
+        if self.is_attention and granularity == "head":
+            return round_to // math.gcd(round_to, self.head_dim)
+        return round_to
 
     def input_linears(self) -> list[nn.Linear]:
         """Linears whose output rows are pruned."""

@@ -12,18 +12,21 @@ import warnings
 from torch import nn
 
 from ..structures import Structure
-from . import bert, blip, clip_vit
+from . import bert, blip, clip_vit, open_clip, timm_vit
 from ._shape import layer_index, modality_of  # noqa: F401  (re-exported)
 
-ADAPTERS = (clip_vit, bert, blip)
+ADAPTERS = (clip_vit, bert, blip, timm_vit, open_clip)
 
 SUPPORTED_FAMILIES = (
     "Hugging Face CLIPModel / CLIPVisionModel / CLIPTextModel",
+    "SiglipModel (vision and text towers; the attention-pooling head stays unpruned)",
     "ViTModel / ViTForImageClassification",
     "DeiT (DeiTModel, DeiTForImageClassification[WithTeacher])",
     "BERT-style encoders (BertModel, BlipTextModel, with self- and cross-attention)",
     "BLIP (BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipForConditionalGeneration)",
     "VisionTextDualEncoderModel with supported towers",
+    "timm VisionTransformer (ViT, DeiT, DeiT distilled; qk_norm with granularity='head')",
+    "open_clip models with transformer towers (nn.MultiheadAttention is swapped for an equivalent)",
 )
 
 
@@ -33,6 +36,9 @@ class UnsupportedModelError(ValueError):
 
 def discover(model: nn.Module) -> list[Structure]:
     """All prunable structures of `model`, in module order. Raises UnsupportedModelError."""
+    for adapter in ADAPTERS:  # some families need an equivalent module swapped in first
+        if hasattr(adapter, "prepare"):
+            adapter.prepare(model)
     found: list[Structure] = []
     for path, module in model.named_modules():
         for adapter in ADAPTERS:

@@ -1,4 +1,4 @@
-"""CLIP, ViT and DeiT (Hugging Face transformers).
+"""CLIP, SigLIP, ViT and DeiT (Hugging Face transformers).
 
 Attention: separate `q_proj`, `k_proj`, `v_proj` and `out_proj` (CLIP) or `o_proj` (ViT,
 DeiT) Linears, viewed as (..., -1, head_dim); the softmax scale is fixed in `__init__`
@@ -14,8 +14,8 @@ from ..structures import Structure
 from ._shape import layer_index, linear, modality_of, set_head_attributes
 
 FAMILY = "clip_vit"
-ATTENTION_CLASSES = {"CLIPAttention", "ViTAttention", "DeiTAttention"}
-MLP_CLASSES = {"CLIPMLP", "ViTMLP", "DeiTMLP"}
+ATTENTION_CLASSES = {"CLIPAttention", "SiglipAttention", "ViTAttention", "DeiTAttention"}
+MLP_CLASSES = {"CLIPMLP", "SiglipMLP", "ViTMLP", "DeiTMLP"}
 _VISION_ONLY = {"ViTAttention", "DeiTAttention", "ViTMLP", "DeiTMLP"}
 
 

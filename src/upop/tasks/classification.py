@@ -46,14 +46,10 @@ class ClassificationTask(Task):
             splits["train"] = Subset(splits["train"], order[held:])
         self.classes = classes
         self.built = build_model(cfg.model, "classification", data.image_size, len(classes))
-        self._transforms(splits)
+        self._train_tf, self._eval_tf = self.train_transform(), self.eval_transform()
         if data.limit_train:
             splits["train"] = Subset(splits["train"], range(min(data.limit_train, len(splits["train"]))))
         self.splits = splits
-
-    def _transforms(self, splits: dict) -> None:
-        train_t, eval_t = self.train_transform(), self.eval_transform()
-        self._train_tf, self._eval_tf = train_t, eval_t
 
     def build_fresh_model(self) -> nn.Module:
         return build_model(self.cfg.model, "classification", self.cfg.data.image_size, len(self.classes)).model
