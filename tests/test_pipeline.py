@@ -109,31 +109,84 @@ def test_classification_from_imagefolder(imagefolder, tmp_path):
     assert metrics["compressed"]["params"] < metrics["dense"]["params"]
 
 
-def test_resume_after_interruption_gives_the_same_plan(karpathy, tmp_path, monkeypatch):
-    reference = tmp_path / "reference"
-    pipeline.run_compress(load_run_config(_write(tmp_path, _retrieval_config(karpathy, reference))))
+@pytest.fixture(scope="module")
+def reference_plan(karpathy, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    pipeline.run_compress(load_run_config(_write(tmp, _retrieval_config(karpathy, tmp / "run"))))
+    return json.loads((tmp / "run" / "plan.json").read_text())["structures"]
 
-    interrupted = tmp_path / "interrupted"
-    config = _write(tmp_path, _retrieval_config(karpathy, interrupted))
+
+# Trainer.epoch calls: 1 = dense epoch 1, 2-3 = search epochs 1-2, 4 = retrain epoch 1.
+@pytest.mark.parametrize("crash_at, phase, epoch", [(1, "dense", 0), (3, "search", 1), (4, "retrain", 0)])
+def test_kill_and_resume_gives_the_same_plan(karpathy, tmp_path, monkeypatch, reference_plan, crash_at, phase, epoch):
+    out = tmp_path / "interrupted"
+    config = _write(tmp_path, _retrieval_config(karpathy, out))
     real_epoch = pipeline.Trainer.epoch
     calls = {"n": 0}
 
     def crashing(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # dense epoch 1, search epoch 1, then die inside search epoch 2
-            raise KeyboardInterrupt
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt  # killed inside this epoch
         return real_epoch(self, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.Trainer, "epoch", crashing)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_compress(load_run_config(config))
-    assert not (interrupted / "metrics.json").exists()
-    progress = json.loads((interrupted / "state" / "progress.json").read_text())
-    assert (progress["phase"], progress["epoch"]) == ("search", 1)
+    assert not (out / "metrics.json").exists()
+    if crash_at > 1:
+        progress = json.loads((out / "state" / "progress.json").read_text())
+        assert (progress["phase"], progress["epoch"]) == (phase, epoch)
     monkeypatch.setattr(pipeline.Trainer, "epoch", real_epoch)
     pipeline.run_compress(load_run_config(config))  # the same command again
-    plan = json.loads((interrupted / "plan.json").read_text())["structures"]
-    assert plan == json.loads((reference / "plan.json").read_text())["structures"]
+    assert json.loads((out / "plan.json").read_text())["structures"] == reference_plan
+    assert (out / "metrics.json").is_file()
+
+
+def test_killed_while_saving_resumes_from_the_previous_checkpoint(karpathy, tmp_path, monkeypatch, reference_plan):
+    out = tmp_path / "run"
+    config = _write(tmp_path, _retrieval_config(karpathy, out))
+    real_save = pipeline.save_model
+    calls = {"n": 0}
+
+    def dying_save(model, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # dense 1, dense reference, search 1, then die writing search 2
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise KeyboardInterrupt
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_model", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_compress(load_run_config(config))
+    progress = json.loads((out / "state" / "progress.json").read_text())
+    assert (progress["phase"], progress["epoch"]) == ("search", 1)  # the half-written one is not taken
+    monkeypatch.setattr(pipeline, "save_model", real_save)
+    pipeline.run_compress(load_run_config(config))
+    assert json.loads((out / "plan.json").read_text())["structures"] == reference_plan
+
+
+def test_nan_losses_are_skipped_and_counted(karpathy, tmp_path, monkeypatch):
+    from upop.tasks.retrieval import RetrievalTask
+
+    real_loss = RetrievalTask.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, model, batch):
+        calls["n"] += 1
+        loss = real_loss(self, model, batch)
+        return loss * float("nan") if calls["n"] in (2, 4) else loss
+
+    monkeypatch.setattr(RetrievalTask, "loss", sometimes_nan)
+    out = tmp_path / "run"
+    config = _retrieval_config(karpathy, out, search_epochs=4)
+    config["upop"]["max_skipped_fraction"] = 0.5
+    pipeline.run_compress(load_run_config(_write(tmp_path, config)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["compressed"]["params"] < metrics["dense"]["params"]
+    text = (out / "log.txt").read_text()
+    assert "non-finite loss or gradient, step skipped" in text
 
 
 def test_two_processes_agree(karpathy, tmp_path):

@@ -30,6 +30,8 @@ class UPopConfig:
         by `sparsity_loss()` (the paper's DeiT defaults). Under the per-type standardisation
         of the scores this term shifts every score of a type equally, so it does not change
         the ranking; it is kept for parity with the paper's logged loss.
+    max_skipped_fraction: steps with non-finite mask gradients add nothing to the scores; the
+        search stops with an error once more than this fraction of total_steps was skipped.
     """
 
     target: float = 0.5
@@ -43,6 +45,7 @@ class UPopConfig:
     ranking: str = "global"
     sparsity_weight_attn: float = 4.8e-3
     sparsity_weight_mlp: float = 2e-4
+    max_skipped_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,7 +68,7 @@ class UPopConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("sparsity_weight_attn", "sparsity_weight_mlp"):
+        for name in ("sparsity_weight_attn", "sparsity_weight_mlp", "max_skipped_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 bad(f"{name} must be a number >= 0, got {value!r}")

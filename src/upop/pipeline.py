@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -37,8 +38,8 @@ from .checkpoint import from_pretrained, save_pretrained
 from .compress import apply_plan
 from .costs import count_flops, count_params, measure_latency
 from .plan import PruningPlan
-from .runconfig import RunConfig
-from .search import UPopSearch
+from .runconfig import ConfigError, RunConfig
+from .search import NonFiniteError, UPopSearch
 from .tasks import Task, make_task
 
 log = logging.getLogger("upop")
@@ -95,7 +96,13 @@ def setup_logging(out_dir: Path, main: bool) -> None:
 
 # ---- resumable state -----------------------------------------------------------------------------
 class RunState:
-    """Checkpoints of a run in `<output_dir>/state`; progress.json is written last."""
+    """Checkpoints of a run in `<output_dir>/state`.
+
+    Each save writes a new folder `<phase>-<epoch>.tmp`, renames it into place, then
+    atomically replaces progress.json, which names the folder to resume from; older folders
+    are removed last. A run killed at any moment therefore resumes from a complete checkpoint.
+    The plan (`plan.json`) is written once, before progress first names the retrain phase.
+    """
 
     def __init__(self, folder: Path, config_hash: str) -> None:
         self.folder = folder
@@ -108,37 +115,56 @@ class RunState:
         try:
             progress = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RuntimeError(f"{path} is corrupted; delete {self.folder} to start over") from None
-        if progress.get("config_hash") != self.config_hash:
-            raise RuntimeError(f"{self.folder.parent} holds a run with another configuration; "
-                               "choose another output_dir or delete it")
+            raise ConfigError(f"{path} is corrupted; delete {self.folder} to start over") from None
+        if not isinstance(progress, dict) or progress.get("config_hash") != self.config_hash:
+            raise ConfigError(f"{self.folder.parent} holds a run with another configuration; "
+                              "choose another output_dir or delete it")
+        self._checkpoint(progress)
         return progress
+
+    def _checkpoint(self, progress: dict[str, Any] | None = None) -> Path:
+        """The folder progress.json names (read again: another rank may have written it)."""
+        if progress is None:
+            progress = json.loads((self.folder / "progress.json").read_text())
+        checkpoint = self.folder / str(progress.get("checkpoint", ""))
+        if not (checkpoint.is_dir() and (checkpoint / "model.safetensors").is_file()):
+            raise ConfigError(f"{self.folder}/progress.json names checkpoint {checkpoint.name!r}, which is "
+                              f"missing; delete {self.folder} to start over")
+        return checkpoint
 
     def save(self, progress: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None,
              search: UPopSearch | None = None, plan: PruningPlan | None = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "progress.json").unlink(missing_ok=True)  # incomplete until rewritten
-        _atomic(self.folder / "model.safetensors", lambda p: save_model(model, str(p)))
+        name = f"{progress['phase']}-{progress['epoch']}"
+        staging = self.folder / f"{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        save_model(model, str(staging / "model.safetensors"))
         if optimizer is not None:
-            _atomic(self.folder / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         if search is not None:
-            _atomic(self.folder / "search.safetensors",
-                    lambda p: save_file({k: v.contiguous() for k, v in search.state_dict().items()}, str(p)))
+            save_file({k: v.contiguous() for k, v in search.state_dict().items()}, str(staging / "search.safetensors"))
         if plan is not None:
             _atomic(self.folder / "plan.json", lambda p: plan.save(p))
-        progress = {**progress, "config_hash": self.config_hash}
-        _atomic(self.folder / "progress.json", lambda p: p.write_text(json.dumps(progress, indent=1)))
+        target = self.folder / name
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        record = {**progress, "config_hash": self.config_hash, "checkpoint": name}
+        _atomic(self.folder / "progress.json", lambda p: p.write_text(json.dumps(record, indent=1)))
+        for old in self.folder.iterdir():  # only now is the previous checkpoint unneeded
+            if old.is_dir() and old != target:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_model(self, model: nn.Module) -> None:
-        load_model(model, str(self.folder / "model.safetensors"))
+        load_model(model, str(self._checkpoint() / "model.safetensors"))
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        path = self.folder / "optimizer.pt"
-        if path.is_file():
+        path = self._checkpoint() / "optimizer.pt"
+        if path.is_file():  # our own file; weights_only all the same
             optimizer.load_state_dict(torch.load(path, weights_only=True))
 
     def load_search(self, search: UPopSearch) -> None:
-        search.load_state_dict(load_file(str(self.folder / "search.safetensors")))
+        search.load_state_dict(load_file(str(self._checkpoint() / "search.safetensors")))
 
     def plan(self) -> PruningPlan:
         return PruningPlan.load(self.folder / "plan.json")
@@ -178,6 +204,8 @@ class Trainer:
             raise ValueError(f"the training set ({len(dataset)} examples) gives no full batch of "
                              f"{t.batch_size} x {t.grad_accum} per process; lower train.batch_size")
         self.steps_per_epoch = steps
+        self.skipped: dict[str, int] = {}
+        self.max_skipped = cfg.upop_config(1).max_skipped_fraction
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
@@ -227,20 +255,40 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 losses.append(float(loss.detach()))
             grad_scale = self.scaler.get_scale() if self.scaler else None
-            if self.scaler:
-                self.scaler.step(optimizer)
-                self.scaler.update()
+            finite = self._finite_gradients(optimizer)
+            if finite:
+                self.scaler.step(optimizer) if self.scaler else optimizer.step()
             else:
-                optimizer.step()
+                self._skipped(phase, global_step, search)
+            if self.scaler:
+                self.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if search is not None:
-                search.step(grad_scale=grad_scale)
+                search.step(grad_scale=grad_scale, skip=not finite)
             if env.main and step % 10 == 0:
                 postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
                 if search is not None:
                     postfix["ratio"] = f"{search.current_ratio:.3f}"
                 bar.set_postfix(postfix, refresh=False)
         return sum(losses) / max(1, len(losses))
+
+
+    def _finite_gradients(self, optimizer: torch.optim.Optimizer) -> bool:
+        """After DDP's all-reduce every rank sees the same gradients, so every rank takes
+        the same decision; a non-finite loss makes them non-finite too."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])))
+
+    def _skipped(self, phase: str, step: int, search: UPopSearch | None) -> None:
+        self.skipped[phase] = self.skipped.get(phase, 0) + 1
+        log.warning("%s step %d: non-finite loss or gradient, step skipped (%d so far)", phase, step + 1,
+                    self.skipped[phase])
+        if search is None and self.skipped[phase] > max(1.0, self.max_skipped * self.steps_per_epoch):
+            raise NonFiniteError(f"{phase}: {self.skipped[phase]} steps had a non-finite loss or gradient "
+                                 f"(limit upop.max_skipped_fraction={self.max_skipped} of an epoch); "
+                                 "lower the learning rate")
 
 
 def _reseed(seed: int, phase: str, epoch: int) -> None:

@@ -150,8 +150,8 @@ def plot_kept_widths(plan: dict[str, Any], structures: list[dict[str, Any]], pat
     heading = title or "Kept width per layer"
     achieved, budget = _num(stats.get("achieved")), stats.get("budget")
     if achieved is not None:
-        heading += f"  (removed {100 * achieved:.1f}% of the prunable {budget or 'budget'})"
-    fig.suptitle(heading, fontsize=13, fontweight="bold")
+        heading += f"\n(removed {100 * achieved:.1f}% of the prunable {budget or 'budget'})"
+    fig.suptitle(heading, fontsize=12, fontweight="bold")
     kept_params = [f"{s['modality']} {s['params_fraction']:.0%}" for s in modality_summary(plan, structures)
                    if s["params_fraction"] is not None and not (s["modality"] == "all" and len(modalities) == 1)]
     handles = [

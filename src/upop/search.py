@@ -27,6 +27,10 @@ from .plan import PruningPlan, StructurePlan
 from .structures import Structure
 
 
+class NonFiniteError(RuntimeError):
+    """Too many search steps had a non-finite loss or gradient."""
+
+
 def ratio_at(step: int, total_steps: int, target: float) -> float:
     """The paper's schedule pi_t = p * sin(pi * (t + 1) / (2 T)); exactly p at t = T - 1."""
     if step >= total_steps - 1:
@@ -181,36 +185,46 @@ class UPopSearch:
             terms.append(weight * self.masks.values[s.name].abs().sum())
         return torch.stack(terms).sum()
 
-    def step(self, grad_scale: float | None = None) -> None:
+    def step(self, grad_scale: float | None = None, skip: bool = False) -> None:
         """Accumulate this step's mask gradients and, on interval boundaries, update the masks.
 
         grad_scale: the AMP loss scale (e.g. `scaler.get_scale()`); gradients are divided
-        by it. A step whose mask gradients are not finite adds nothing to the scores.
+        by it. A step whose mask gradients are not finite adds nothing to the scores, nor does
+        one the caller marks `skip=True` (its loss was not finite); the schedule still advances.
         """
         if self.finished:
             raise RuntimeError(
                 f"the search already ran its {self.config.total_steps} steps; call plan()/compress()"
             )
         grads = self.masks.grads()
-        if all(g is None for g in grads.values()):
+        if not skip and all(g is None for g in grads.values()):
             warnings.warn("upop: step() found no mask gradients; call it after loss.backward()",
                           stacklevel=2)
         finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
-        if finite:
+        if finite and not skip:
             for name, g in grads.items():
                 if g is not None:
                     g = g.detach().double().cpu()
                     self.scores[name] += g / grad_scale if grad_scale else g
         else:
-            self.skipped_steps += 1
-            warnings.warn(f"upop: non-finite mask gradient at step {self.step_count}; step skipped "
-                          f"({self.skipped_steps} so far)", stacklevel=2)
+            self._skip()
         self.masks.zero_grad()
         t = self.step_count
         last = t == self.config.total_steps - 1
         if last or (self.config.progressive and t % self.config.interval == 0):
             self._update(t)
         self.step_count += 1
+
+    def _skip(self) -> None:
+        self.skipped_steps += 1
+        limit = self.config.max_skipped_fraction * self.config.total_steps
+        if self.skipped_steps > max(limit, 1):
+            raise NonFiniteError(
+                f"upop: {self.skipped_steps} of {self.step_count + 1} search steps had a non-finite loss or "
+                f"mask gradient (limit {self.config.max_skipped_fraction:.0%} of {self.config.total_steps}); "
+                "lower the learning rate or use bf16/fp32")
+        warnings.warn(f"upop: non-finite loss or mask gradient at step {self.step_count}; step skipped "
+                      f"({self.skipped_steps} so far)", stacklevel=3)
 
     # ---- the progressive update ---------------------------------------------------------------
     def unit_costs(self) -> dict[str, float]:
