@@ -236,3 +236,13 @@ def test_shipped_configs_are_valid():
         for path in paths:
             cfg = load_run_config(path)
             assert cfg.upop.get("target", 0.5) == 0.5, path
+
+
+def test_gradient_accumulation_and_bf16(karpathy, tmp_path):
+    out = tmp_path / "run"
+    config = _retrieval_config(karpathy, out, batch_size=3, grad_accum=2, mixed_precision="bf16", dense_epochs=0)
+    config["eval"] = {"skip_latency": True}
+    pipeline.run_compress(load_run_config(_write(tmp_path, config)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert abs(metrics["achieved"] - 0.5) <= 0.02
+    assert metrics["compressed"]["params"] < metrics["dense"]["params"]
