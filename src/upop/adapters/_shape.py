@@ -6,6 +6,8 @@ import re
 
 from torch import nn
 
+from ..structures import Structure
+
 _HEAD_COUNT = ("num_heads", "num_attention_heads")
 _HEAD_WIDTH = ("head_dim", "attention_head_size")
 
@@ -50,3 +52,9 @@ def modality_of(path: str, default: str) -> str:
     if "text" in lowered:
         return "text"
     return default
+
+
+def mlp_structure(path: str, fc1: nn.Linear, fc2: nn.Linear, family: str, default_modality: str) -> Structure:
+    """An MLP site: fc1 -> activation -> fc2, pruned over fc1's output neurons."""
+    return Structure(name=path, kind="mlp", modality=modality_of(path, default_modality), layer=layer_index(path),
+                     family=family, hidden=fc1.out_features, fc1=fc1, fc2=fc2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..structures import Structure
-from ._shape import layer_index, linear, modality_of, set_head_attributes
+from ._shape import layer_index, linear, mlp_structure, modality_of, set_head_attributes
 
 FAMILY = "bert"
 
@@ -63,16 +63,5 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
         fc2 = linear(getattr(layer, "output", None), "dense")
         if fc2 is None or fc2.in_features != module.dense.out_features:
             return []
-        return [
-            Structure(
-                name=path,
-                kind="mlp",
-                modality=modality_of(path, "text"),
-                layer=layer_index(path),
-                family=FAMILY,
-                hidden=module.dense.out_features,
-                fc1=module.dense,
-                fc2=fc2,
-            )
-        ]
+        return [mlp_structure(path, module.dense, fc2, FAMILY, "text")]
     return []

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..structures import Structure
-from ._shape import layer_index, modality_of
+from ._shape import layer_index, mlp_structure, modality_of
 
 FAMILY = "blip_vision"
 
@@ -72,16 +72,5 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
             )
         ]
     if cls == "BlipMLP":
-        return [
-            Structure(
-                name=path,
-                kind="mlp",
-                modality=modality_of(path, "vision"),
-                layer=layer_index(path),
-                family=FAMILY,
-                hidden=module.fc1.out_features,
-                fc1=module.fc1,
-                fc2=module.fc2,
-            )
-        ]
+        return [mlp_structure(path, module.fc1, module.fc2, FAMILY, "vision")]
     return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..structures import Structure
-from ._shape import layer_index, linear, modality_of, set_head_attributes
+from ._shape import layer_index, linear, mlp_structure, modality_of, set_head_attributes
 
 FAMILY = "clip_vit"
 ATTENTION_CLASSES = {"CLIPAttention", "SiglipAttention", "ViTAttention", "DeiTAttention"}
@@ -43,16 +43,5 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
             )
         ]
     if cls in MLP_CLASSES:
-        return [
-            Structure(
-                name=path,
-                kind="mlp",
-                modality=modality_of(path, default),
-                layer=layer_index(path),
-                family=FAMILY,
-                hidden=module.fc1.out_features,
-                fc1=module.fc1,
-                fc2=module.fc2,
-            )
-        ]
+        return [mlp_structure(path, module.fc1, module.fc2, FAMILY, default)]
     return []

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..structures import Structure
-from ._shape import layer_index, modality_of
+from ._shape import layer_index, mlp_structure, modality_of
 
 FAMILY = "open_clip"
 
@@ -108,7 +108,5 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
             set_shape=lambda h, d, m=attn: _set_shape(m, h, d)))
     mlp = module.mlp
     if isinstance(getattr(mlp, "c_fc", None), nn.Linear) and isinstance(getattr(mlp, "c_proj", None), nn.Linear):
-        found.append(Structure(
-            name=f"{path}.mlp", kind="mlp", modality=modality_of(path, "text"), layer=layer_index(path),
-            family=FAMILY, hidden=mlp.c_fc.out_features, fc1=mlp.c_fc, fc2=mlp.c_proj))
+        found.append(mlp_structure(f"{path}.mlp", mlp.c_fc, mlp.c_proj, FAMILY, "text"))
     return found

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..structures import Structure, UnsupportedStructureError
-from ._shape import layer_index, modality_of
+from ._shape import layer_index, mlp_structure, modality_of
 
 FAMILY = "timm_vit"
 
@@ -58,16 +58,5 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
     if cls == "Mlp" and isinstance(getattr(module, "fc1", None), nn.Linear):
         if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
             raise UnsupportedStructureError(f"{path}: a timm Mlp with a hidden norm cannot be pruned exactly")
-        return [
-            Structure(
-                name=path,
-                kind="mlp",
-                modality=modality_of(path, "vision"),
-                layer=layer_index(path),
-                family=FAMILY,
-                hidden=module.fc1.out_features,
-                fc1=module.fc1,
-                fc2=module.fc2,
-            )
-        ]
+        return [mlp_structure(path, module.fc1, module.fc2, FAMILY, "vision")]
     return []
