@@ -403,8 +403,9 @@ def run_compress(cfg: RunConfig) -> dict[str, Any]:
         log.info("compressed: %.2fM params (%.1f%% of the prunable %s removed, target %.1f%%)",
                  count_params(model) / 1e6, 100 * plan.stats["achieved"], upop_cfg.budget, 100 * upop_cfg.target)
         # the compressed model before retraining, on the same test split as the other columns
+        example = {k: v.to(env.device) for k, v in task.example_inputs(1).items()}
         progress["searched"] = {"metric": task.evaluate(model, "test", env.device)[task.metric],
-                                "params": count_params(model)}
+                                "params": count_params(model), "flops": count_flops(model, example)}
         log.info("after search, before retraining: test %s %.2f", task.metric, progress["searched"]["metric"])
         progress.update(phase="retrain", epoch=0, best=None)
         if env.main:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -42,6 +43,10 @@ class DataConfig:
     limit_train: int | None = None  # use only the first N training examples (quick runs, tests)
     limit_eval: int | None = None
     num_workers: int = 0
+    # what a missing image file, an empty caption or an image that fails to decode does:
+    # "stop" ends the run with one line naming the file (and entry); "skip" drops the example,
+    # counts it and logs the count and the first paths on the "upop" logger
+    on_bad_input: str = "stop"
 
 
 @dataclass
@@ -92,6 +97,19 @@ class RunConfig:
 
 TASKS = ("retrieval", "classification")
 FORMATS = ("openmoji", "karpathy", "imagefolder", "fashion_mnist")
+BAD_INPUT_MODES = ("stop", "skip")
+
+# values quoted in error messages are shortened: a YAML alias bomb would otherwise make repr() run forever
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 80, 80, 40
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+
+
+def _short(value: Any) -> str:
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a value whose repr itself fails
+        return f"<{type(value).__name__}>"
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -124,31 +142,34 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
     if origin is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+        raise ConfigError(f"config key '{path}' must be true or false, got {_short(value)}")
     if origin is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond the float range
+                raise ConfigError(f"config key '{path}' is out of range: {_short(value)}") from None
+        raise ConfigError(f"config key '{path}' must be a number, got {_short(value)}")
     if origin is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+        raise ConfigError(f"config key '{path}' must be an integer, got {_short(value)}")
     if origin is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+        raise ConfigError(f"config key '{path}' must be a string, got {_short(value)}")
     if origin is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value
-        raise ConfigError(f"config key '{path}' must be a list of integers, got {value!r}")
+        raise ConfigError(f"config key '{path}' must be a list of integers, got {_short(value)}")
     if origin is dict:
         if isinstance(value, dict):
             return value
-        raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
-    raise ConfigError(f"config key '{path}' has a value of the wrong type: {value!r}")
+        raise ConfigError(f"config key '{path}' must be a mapping, got {_short(value)}")
+    raise ConfigError(f"config key '{path}' has a value of the wrong type: {_short(value)}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -156,9 +177,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(msg)
 
     if cfg.task not in TASKS:
-        bad(f"task must be one of {TASKS}, got {cfg.task!r}")
+        bad(f"task must be one of {TASKS}, got {_short(cfg.task)}")
     if cfg.data.format not in FORMATS:
-        bad(f"data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+        bad(f"data.format must be one of {FORMATS}, got {_short(cfg.data.format)}")
     if (cfg.model.preset is None) == (cfg.model.name is None):
         bad("give exactly one of model.preset and model.name")
     t = cfg.train
@@ -174,21 +195,30 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not getattr(t, key) > 0:
             bad(f"train.{key} must be > 0")
     for prefix, factor in t.lr_multipliers.items():
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-            bad(f"train.lr_multipliers.{prefix} must be a number > 0, got {factor!r}")
+        if not isinstance(prefix, str):
+            bad(f"train.lr_multipliers keys must be parameter-name prefixes (strings), got {_short(prefix)}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            bad(f"train.lr_multipliers.{prefix} must be a number > 0, got {_short(factor)}")
     if t.warmup_steps < 0:
         bad("train.warmup_steps must be >= 0")
     if not 0 <= t.label_smoothing < 1:
         bad("train.label_smoothing must be in [0, 1)")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
-        bad(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+        bad(f"train.mixed_precision must be no, fp16 or bf16, got {_short(t.mixed_precision)}")
     if cfg.data.image_size < 8 or cfg.data.max_tokens < 4:
         bad("data.image_size must be >= 8 and data.max_tokens >= 4")
+    if cfg.data.on_bad_input not in BAD_INPUT_MODES:
+        bad(f"data.on_bad_input must be stop or skip, got {_short(cfg.data.on_bad_input)}")
     if "total_steps" in cfg.upop:
         bad("upop.total_steps is derived from train.search_epochs and the data; remove it")
+    for key, value in cfg.upop.items():  # every UPopConfig field is a scalar
+        if not isinstance(key, str):
+            bad(f"config key 'upop.{_short(key)}' does not exist (keys are strings)")
+        if not isinstance(value, (bool, int, float, str)):
+            bad(f"config key 'upop.{key}' must be a number, a string or true/false, got {_short(value)}")
     try:
         cfg.upop_config(total_steps=1)
-    except ValueError as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         bad(str(exc).replace("UPopConfig: ", "config section upop: "))
     return cfg
 
@@ -199,7 +229,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a tag with a bad value, e.g. !!int x
         value = raw
     return key.strip().split("."), value
 
@@ -213,7 +243,9 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -
             raise ConfigError(f"config file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: undecodable text or a tag with a bad value
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
         if not isinstance(data, dict):

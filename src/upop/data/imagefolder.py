@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ._common import DataError, load_image, require_dir
+from ._common import DataError, check_mode, load_image_or_none, log_skipped, require_dir, undecodable
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 
@@ -21,12 +21,22 @@ class ImageFolderDataset(Dataset):
     Checked at construction: the root exists, it has at least 2 class folders, and every class
     holds at least one image file (searched recursively; hidden files and folders are ignored).
     Images are decoded lazily, as PIL RGB images unless a `transform` is given.
+
+    on_bad_input "stop" (default): an image that fails to decode raises DataError naming its path.
+    "skip": `__getitem__` returns None for it instead (drop those with `upop.data.drop_none(collate_fn)`);
+    it is recorded in `skipped` and logged on the "upop" logger.
+    check_images: decode every image at construction (meant for evaluation splits, which are small):
+    under "stop" the first failure raises DataError, under "skip" the failures are dropped from
+    `samples` (and listed in `skipped`), so that items never return None.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None,
-                 extensions: Iterable[str] = IMG_EXTENSIONS) -> None:
+                 extensions: Iterable[str] = IMG_EXTENSIONS, on_bad_input: str = "stop",
+                 check_images: bool = False) -> None:
         self.root = require_dir(Path(root), "image folder root")
         self.transform = transform
+        self.on_bad_input = check_mode(on_bad_input)
+        self.skipped: list[str] = []
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         self.classes: list[str] = sorted(
             d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -40,14 +50,27 @@ class ImageFolderDataset(Dataset):
             if not files:
                 raise DataError(f"{self.root / name}: class folder holds no image files ({', '.join(exts)})")
             self.samples.extend((f, label) for f in files)
+        if check_images:
+            failed = undecodable([path for path, _ in self.samples])
+            if failed and self.on_bad_input == "stop":
+                raise DataError(next(failed[path] for path, _ in self.samples if path in failed))
+            self.skipped.extend(failed[path] for path, _ in self.samples if path in failed)
+            self.samples = [(path, label) for path, label in self.samples if path not in failed]
+            empty = [c for label, c in enumerate(self.classes) if all(lab != label for _, lab in self.samples)]
+            if empty:
+                raise DataError(f"{self.root / empty[0]}: class folder holds no image that decodes "
+                                f"(first failure: {self.skipped[0]})")
+            log_skipped(self.root, self.skipped, "undecodable images")
         self.targets = [label for _, label in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
         path, label = self.samples[i]
-        image = load_image(path)
+        image = load_image_or_none(path, self.on_bad_input, self.skipped)
+        if image is None:
+            return None
         return (self.transform(image) if self.transform else image), label
 
 
