@@ -246,3 +246,24 @@ def test_gradient_accumulation_and_bf16(karpathy, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["achieved"] - 0.5) <= 0.02
     assert metrics["compressed"]["params"] < metrics["dense"]["params"]
+
+
+def test_broken_training_image_skip_or_stop(karpathy, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(karpathy, root)
+    broken = root / "images" / "001.png"
+    broken.write_bytes(b"not a png at all")
+    config = _retrieval_config(root, tmp_path / "stop", dense_epochs=0, max_steps_per_epoch=None)
+    for split in ("train", "val", "test"):
+        config["data"][split] = str(root / f"{split}.json")
+    config["data"]["root"] = str(root)
+    config["eval"] = {"skip_latency": True}
+    assert cli.main(["compress", "--config", str(_write(tmp_path, config))]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "upop: error" in line]
+    assert len(errors) == 1 and str(broken) in errors[0] and "cannot decode" in errors[0]
+    config["output_dir"] = str(tmp_path / "skip")
+    config["data"]["on_bad_input"] = "skip"
+    assert cli.main(["compress", "--config", str(_write(tmp_path, config))]) == 0
+    assert (tmp_path / "skip" / "metrics.json").is_file()

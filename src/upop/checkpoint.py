@@ -57,14 +57,18 @@ def _describe_transformers(model: nn.Module, folder: Path) -> dict[str, Any]:
 def _build_transformers(meta: dict[str, Any], folder: Path) -> nn.Module:
     import transformers
 
-    cls = getattr(transformers, str(meta.get("class")), None)
+    name = meta.get("class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"{folder}: {meta.get('class')!r} is not a transformers model class")
+        raise CheckpointError(f"{folder}: {str(name)[:80]!r} is not a transformers model class")
     try:
         config = cls.config_class.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises several types for a bad config.json
-        raise CheckpointError(f"{folder}/config.json cannot be read: {exc}") from None
-    return cls(config)
+        raise CheckpointError(f"{folder}/config.json cannot be read: {str(exc)[:200]}") from None
+    try:
+        return cls(config)
+    except Exception as exc:  # a config that does not fit the class fails in arbitrary ways
+        raise CheckpointError(f"{folder}: cannot build {name} from config.json: {str(exc)[:200]}") from None
 
 
 def _library_of(model: nn.Module) -> str:
@@ -198,14 +202,14 @@ def read_meta(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"{folder} is not a complete upop checkpoint: {name} is missing")
     try:
         meta = json.loads((folder / META_FILE).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / META_FILE} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or numbers
+        raise CheckpointError(f"{folder / META_FILE} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != "upop-model":
         raise CheckpointError(f"{folder / META_FILE} is not a upop model description")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder}: checkpoint format version {meta.get('version')!r} "
                               f"is not supported (expected {FORMAT_VERSION})")
-    if meta.get("library") not in _BUILD:
+    if not isinstance(meta.get("library"), str) or meta["library"] not in _BUILD:
         raise CheckpointError(f"{folder}: unknown model library {meta.get('library')!r}")
     return meta
 
@@ -234,6 +238,9 @@ def from_pretrained(folder: str | os.PathLike) -> nn.Module:
         plan = PruningPlan.load(folder / PLAN_FILE)
     except PlanError as exc:
         raise CheckpointError(str(exc)) from None
+    declared = meta.get("class") if meta["library"] == "transformers" else None
+    if plan.model_class and declared and plan.model_class != declared:  # before building anything
+        raise CheckpointError(f"{folder}: plan was made for {plan.model_class}, the checkpoint names {declared}")
     model = _BUILD[meta["library"]](meta, folder)
     if plan.model_class and plan.model_class != type(model).__name__:
         raise CheckpointError(f"{folder}: plan was made for {plan.model_class}, "

@@ -37,6 +37,7 @@ from .adapters import discover
 from .checkpoint import from_pretrained, save_pretrained
 from .compress import apply_plan
 from .costs import count_flops, count_params, measure_latency
+from .data import drop_none
 from .plan import PruningPlan
 from .runconfig import ConfigError, RunConfig
 from .search import NonFiniteError, UPopSearch
@@ -195,8 +196,8 @@ class Trainer:
         dataset = task.train_dataset()
         self.sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=True)
-        self.loader = DataLoader(dataset, batch_size=t.batch_size, sampler=self.sampler, collate_fn=task.collate,
-                                 num_workers=cfg.data.num_workers, drop_last=True)
+        self.loader = DataLoader(dataset, batch_size=t.batch_size, sampler=self.sampler,
+                                 collate_fn=drop_none(task.collate), num_workers=cfg.data.num_workers, drop_last=True)
         steps = len(self.loader) // t.grad_accum
         if t.max_steps_per_epoch:
             steps = min(steps, t.max_steps_per_epoch)
@@ -245,7 +246,8 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step) * group.get("lr_scale", 1.0)
             for micro in range(accum):
-                batch = {k: v.to(env.device) for k, v in next(batches).items()}
+                batch = next(b for b in batches if b is not None)  # None: every image skipped
+                batch = {k: v.to(env.device) for k, v in batch.items()}
                 sync = micro == accum - 1 or env.world == 1
                 ctx = nullcontext() if sync else wrapped.no_sync()
                 with ctx, torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

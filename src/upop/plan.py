@@ -73,8 +73,8 @@ class PruningPlan:
             raise PlanError(f"plan file not found: {path}")
         try:
             data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting or numbers
+            raise PlanError(f"plan file {path} is not valid JSON: {str(exc)[:200]}") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import CLASSES as FASHION_CLASSES
-from ..data import DataError, FashionMNIST, ImageFolderDataset, top_k_accuracy
+from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none, top_k_accuracy
 from ..models import build_model
 from ..runconfig import RunConfig
 from .base import Task
@@ -30,7 +30,9 @@ class ClassificationTask(Task):
         elif data.format == "imagefolder":
             if data.train is None or data.test is None:
                 raise DataError("data.format imagefolder needs data.train and data.test folders (data.val optional)")
-            splits = {s: ImageFolderDataset(Path(getattr(data, s)).expanduser()) if getattr(data, s) else None
+            # evaluation splits are decoded up front under "skip", so their indices stay fixed
+            splits = {s: ImageFolderDataset(Path(getattr(data, s)).expanduser(), on_bad_input=data.on_bad_input,
+                                            check_images=s != "train") if getattr(data, s) else None
                       for s in ("train", "val", "test")}
             classes = splits["train"].classes
             for s in ("val", "test"):
@@ -74,9 +76,9 @@ class ClassificationTask(Task):
         was_training = model.training
         model.eval()
         logits, labels = [], []
-        loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=self.collate,
+        loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=drop_none(self.collate),
                             num_workers=self.cfg.data.num_workers)
-        for batch in loader:
+        for batch in filter(None, loader):  # a validation split held out of train may skip images
             logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
             labels.append(batch["labels"])
         model.train(was_training)
@@ -97,5 +99,8 @@ class _Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        image, label = self.base[i]
+        item = self.base[i]
+        if item is None:  # an image skipped under data.on_bad_input "skip"
+            return None
+        image, label = item
         return self.transform(image), label

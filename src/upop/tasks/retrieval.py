@@ -49,8 +49,9 @@ class RetrievalTask(Task):
         else:
             raise DataError(f"task retrieval reads data.format openmoji or karpathy, not {data.format}")
         # Parse and check every annotation file before the model is built.
-        self._train = KarpathyTrain(files["train"], image_root)
-        self._eval = {s: KarpathyEval(files[s], image_root) for s in ("val", "test")}
+        bad = data.on_bad_input
+        self._train = KarpathyTrain(files["train"], image_root, on_bad_input=bad)
+        self._eval = {s: KarpathyEval(files[s], image_root, on_bad_input=bad) for s in ("val", "test")}
         self.built = build_model(cfg.model, "retrieval", data.image_size)
         if self.built.tokenizer is None:
             raise DataError("the retrieval model has no tokenizer")
