@@ -25,8 +25,8 @@ demo: $(STAMP)
 	$(OFFLINE) $(BIN)/upop demo
 
 test: $(STAMP)
-	$(OFFLINE) $(BIN)/ruff check src tests
+	$(OFFLINE) $(BIN)/ruff check src tests benchmarks
 	$(OFFLINE) $(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks

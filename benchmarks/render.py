@@ -1,0 +1,328 @@
+"""docs/BENCHMARKS.md and its plots, from the JSON files of a results folder only.
+
+    python -m benchmarks.render [--results DIR ...] [--docs docs/BENCHMARKS.md]
+
+Every number in the report is read from `<results>/<task>.json` / `<results>/run.json`; the
+comparisons in "What the numbers say" are computed from them too. The hand-written
+discussion in benchmarks/discussion.md (if present) is appended verbatim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TASK_TITLES = {"retrieval": "OpenMoji image-text retrieval (dual encoder: MiniLM text + ViT)",
+               "classification": "Fashion-MNIST classification (small DeiT-style ViT)"}
+METRIC_NAMES = {"r_mean": "mean recall r_mean", "top1": "top-1 (%)"}
+
+
+def load(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    run_path = results / "run.json"
+    run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+    tasks = []
+    for path in sorted(results.glob("*.json")):
+        if path.name == "run.json":
+            continue
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "rows" in data:
+            data["_file"] = path.name
+            tasks.append(data)
+    order = {"retrieval": 0, "classification": 1}
+    tasks.sort(key=lambda d: order.get(d["task"], 9))
+    return run, tasks
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ms(profile: dict[str, Any], kind: str, batch: str) -> float | None:
+    return (profile.get(kind) or {}).get(batch)
+
+
+def _speedup(dense: float | None, value: float | None) -> str:
+    if dense is None or value is None:
+        return "n/a"
+    return f"{value:.1f} ({dense / value:.2f}x)"
+
+
+def quality_table(task: dict[str, Any]) -> list[str]:
+    metric = task["metric"]
+    dense = task.get("dense")
+    batches = list((dense or {}).get("latency_ms", {}) or {"batch1": 0, "batch32": 0})
+    head = (f"| method | target | {metric} mean ± std (n) | min..max | before retrain | params (M) | "
+            f"pruned / prunable | FLOPs (G) | " + " | ".join(f"PyTorch {b} (ms)" for b in batches) + " |")
+    lines = [head, "|" + "---|" * (8 + len(batches))]
+    if dense:
+        lines.append(f"| dense | - | {dense['metric']:.2f} (1) | - | - | {dense['params'] / 1e6:.2f} | 0 | "
+                     f"{dense['flops'] / 1e9:.3f} | " + " | ".join(_fmt(dense["latency_ms"][b], 1) for b in batches)
+                     + " |")
+    for s in task.get("summary", []):
+        rows = [r for r in task["rows"] if r["method"] == s["method"] and r["target"] == s["target"]]
+        before = [r["info"].get("metric_before_retrain") for r in rows]
+        before = [b for b in before if b is not None]
+        before_txt = f"{sum(before) / len(before):.2f}" if before else "n/a"
+        lines.append(
+            f"| {s['label']} | {s['target']} | {s['metric_mean']:.2f} ± {s['metric_std']:.2f} ({len(s['seeds'])}) | "
+            f"{s['metric_min']:.2f}..{s['metric_max']:.2f} | {before_txt} | {s['params'] / 1e6:.2f} | "
+            f"{s['achieved']:.3f} | {s['flops'] / 1e9:.3f} | "
+            + " | ".join(_fmt(s["latency_ms"].get(b), 1) for b in batches) + " |")
+    return lines
+
+
+def speed_table(task: dict[str, Any]) -> list[str]:
+    speed = task.get("speed", {})
+    dense = speed.get("dense")
+    if not dense:
+        return ["(no speed measurements)"]
+    batches = list(dense["torch_ms"])
+    head = ("| model | params (M) | FLOPs (G) | FLOPs ratio (ideal) | "
+            + " | ".join(f"PyTorch {b} ms (speedup)" for b in batches) + " | "
+            + " | ".join(f"ORT {b} ms (speedup)" for b in batches) + " |")
+    lines = [head, "|" + "---|" * (4 + 2 * len(batches))]
+    labels = task.get("methods", {})
+    for name, profile in speed.items():
+        if name == "dense":
+            label = "dense"
+        else:
+            method, target = name.split("@")
+            label = f"{labels.get(method, method)} @ {target}"
+        ratio = dense["flops"] / profile["flops"]
+        cells = [_speedup(dense["torch_ms"].get(b), profile["torch_ms"].get(b)) for b in batches]
+        cells += [_speedup(_ms(dense, "ort_ms", b), _ms(profile, "ort_ms", b)) for b in batches]
+        lines.append(f"| {label} | {profile['params'] / 1e6:.2f} | {profile['flops'] / 1e9:.3f} | {ratio:.2f}x | "
+                     + " | ".join(cells) + " |")
+    errors = [(n, b, e["error"]) for n, p in speed.items() for b, e in (p.get("export") or {}).items()
+              if isinstance(e, dict) and "error" in e]
+    for name, batch, err in errors:
+        lines.append(f"\nONNX export/run failed for {name} at {batch}: `{err}`")
+    diffs = [d for p in speed.values() for d in (p.get("ort_max_abs_diff") or {}).values() if d is not None]
+    if diffs:
+        lines.append(f"\nEvery exported model was checked against PyTorch before timing: max |ORT - PyTorch| "
+                     f"of the logits = {max(diffs):.2e}.")
+    return lines
+
+
+def search_cost_lines(task: dict[str, Any]) -> list[str]:
+    c = task.get("search_cost")
+    if not c:
+        return []
+    verdict = "within" if c["ratio_median"] <= 1.10 else "above"
+    return [f"Search cost: a training step with the search attached (mask hooks, sparsity loss, `search.step()` "
+            f"with its re-ranking every {c['interval']} steps) takes {c['search_ms_median']:.0f} ms against "
+            f"{c['plain_ms_median']:.0f} ms for a plain step on the same batch of {c['batch_size']} "
+            f"(median of {c['steps']} alternating steps): **{c['ratio_median']:.3f}x** (mean {c['ratio_mean']:.3f}x), "
+            f"{verdict} the 1.10x target."]
+
+
+def findings(task: dict[str, Any]) -> list[str]:
+    """Plain comparisons computed from the summary: who is best per target, by how much."""
+    out = []
+    summary = task.get("summary", [])
+    labels = task.get("methods", {})
+    for target in task.get("targets", []):
+        sel = [s for s in summary if s["target"] == target]
+        if not sel:
+            continue
+        best = max(sel, key=lambda s: s["metric_mean"])
+        mine = next((s for s in sel if s["method"] == "upop"), None)
+        others = [s for s in sel if s["method"] != "upop"]
+        if mine is None or not others:
+            continue
+        rival = max(others, key=lambda s: s["metric_mean"])
+        gap = mine["metric_mean"] - rival["metric_mean"]
+        spread = max(mine["metric_std"], rival["metric_std"])
+        n = len(mine["seeds"])
+        if best["method"] == "upop":
+            verdict = (f"UPop is best at target {target}, {gap:+.2f} over the next ({labels.get(rival['method'])})")
+        else:
+            verdict = (f"UPop does **not** win at target {target}: {labels.get(best['method'])} is best, "
+                       f"UPop is {gap:+.2f} against it")
+        if n < 2:
+            verdict += " (one seed: no spread measured, differences of this size can be noise)"
+        elif abs(gap) <= 2 * spread:
+            verdict += f" - within twice the seed spread ({spread:.2f}), so not a clear difference"
+        out.append(f"- {verdict}.")
+        tp = next((s for s in sel if s["method"] == "torch_pruning"), None)
+        if tp is not None:
+            out.append(f"  Torch-Pruning reached {tp['params'] / 1e6:.3f}M params against UPop's "
+                       f"{mine['params'] / 1e6:.3f}M (pruned fraction {tp['achieved']:.3f} vs {mine['achieved']:.3f}).")
+    return out
+
+
+def plots(task: dict[str, Any], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    summary = task.get("summary", [])
+    if summary:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        labels = task.get("methods", {})
+        for i, method in enumerate(labels):
+            sel = sorted((s for s in summary if s["method"] == method), key=lambda s: s["target"])
+            if not sel:
+                continue
+            ax.errorbar([s["params"] / 1e6 for s in sel], [s["metric_mean"] for s in sel],
+                        yerr=[s["metric_std"] for s in sel], marker="os^vD"[i % 5], capsize=3, label=method)
+        dense = task.get("dense")
+        if dense:
+            ax.axhline(dense["metric"], color="grey", linestyle="--", label="dense")
+        ax.set_xlabel("params (M)")
+        ax.set_ylabel(task["metric"])
+        ax.set_title(f"{task['task']}: {task['metric']} vs params (2x and 4x)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{task['task']}_quality.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    speed = task.get("speed", {})
+    dense = speed.get("dense")
+    if dense and len(speed) > 1:
+        names = [n for n in speed if n != "dense"]
+        series = [("FLOPs ratio (ideal)", lambda p: dense["flops"] / p["flops"])]
+        for kind, label in (("torch_ms", "PyTorch"), ("ort_ms", "ORT")):
+            for b in dense["torch_ms"]:
+                def value(p, kind=kind, b=b):
+                    d, v = _ms(dense, kind, b), _ms(p, kind, b)
+                    return d / v if d and v else 0.0
+                series.append((f"{label} {b}", value))
+        fig, ax = plt.subplots(figsize=(7.2, 4.2))
+        width = 0.8 / len(series)
+        for j, (label, fn) in enumerate(series):
+            ax.bar([i + j * width for i in range(len(names))], [fn(speed[n]) for n in names], width, label=label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylabel("speedup over dense")
+        ax.set_title(f"{task['task']}: measured CPU speedup vs FLOPs ratio")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{task['task']}_speed.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def _duration(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def run_section(results: Path, docs: Path) -> list[str]:
+    """The section of one results folder (one run of benchmarks/run.py)."""
+    run, tasks = load(results)
+    if not tasks:
+        return []
+    mode = run.get("mode") or tasks[0]["mode"]
+    title = {"full": "Full run", "quick": "Quick run (`--quick`)", "tiny": "Tiny smoke run (`--tiny`)"}.get(mode, mode)
+    note = {"full": "",
+            "quick": " One seed and a few dozen training steps: these numbers show the harness works, not how "
+                     "the methods compare; the full run is what to read.",
+            "tiny": " Test settings: the numbers mean nothing."}.get(mode, "")
+    where = os.path.relpath(results, docs.parent)
+    lines = [f"## {title}", ""]
+    total = _duration((run.get("wall_s") or {}).get("total"))
+    lines += [f"Command `{run.get('command', '?')}`, started {run.get('started', '?')}, finished "
+              f"{run.get('finished', 'not finished')}, total wall time {total}."
+              f"{note} Source files: " + ", ".join(f"`{where}/{t['_file']}`" for t in tasks)
+              + (f", `{where}/run.json`." if run else "."), ""]
+    env = run or tasks[0]
+    machine, versions = env.get("machine", {}), env.get("versions", {})
+    if machine:
+        lines += [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, torch threads "
+                  f"{machine.get('torch_threads')}, {machine.get('platform')}, Python {machine.get('python')}. "
+                  "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
+    for task in tasks:
+        s = task["settings"]
+        rc = task.get("run_config", {})
+        made = plots(task, results / "plots")
+        lines += [f"### {TASK_TITLES.get(task['task'], task['task'])} ({mode})", ""]
+        cached = (task.get("dense") or {}).get("train", {}).get("cached")
+        metric_name = METRIC_NAMES.get(task["metric"], task["metric"])
+        model = rc.get("model", {}).get("preset")
+        if s.get("deit"):
+            d = s["deit"]
+            model = f"DeiT {d['depth']} layers, {d['width']} wide, {d['heads']} heads, patch {d['patch']}"
+        lines += [f"Model {model}, data `{rc.get('data', {}).get('format')}` "
+                  f"(training images {rc.get('data', {}).get('limit_train') or 'all'}, test images "
+                  f"{rc.get('data', {}).get('limit_eval') or 'all'}), batch {rc.get('train', {}).get('batch_size')}. "
+                  f"Dense model: {s['dense_steps']} steps, seed 0, trained once and cached "
+                  f"({'loaded from the cache' if cached else 'trained in this run'}). "
+                  f"Each method: {s['steps']} steps (UPop variants: {s['search_steps']} search + "
+                  f"{s['steps'] - s['search_steps']} retrain; magnitude and Torch-Pruning: {s['steps']} retrain). "
+                  f"Seeds {task['seeds']}. Metric: {metric_name} on the test split. "
+                  f"Latency: median of {s['repeats']} runs after 2 warm-up runs.", ""]
+        lines += ["#### Quality", ""] + quality_table(task) + [""]
+        lines += ["#### Speed", ""] + speed_table(task) + [""]
+        lines += search_cost_lines(task) + [""]
+        facts = findings(task)
+        if facts:
+            lines += ["#### What the numbers say", ""] + facts + [""]
+        for path in made:
+            lines += [f"![{path.stem}]({os.path.relpath(path, docs.parent)})", ""]
+        wall = task.get("wall_s", {})
+        if wall:
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in wall.items())
+            lines += [f"Wall time per phase (s, rows summed over seeds): {phases}", ""]
+        if not task.get("complete"):
+            lines += ["**This task's run did not complete; the tables hold the rows it finished.**", ""]
+    return lines
+
+
+def render(results: Path | list[Path], docs: Path, discussion: Path | None = HERE / "discussion.md") -> str:
+    """Write `docs` from one or more results folders (one section each, in the order given)."""
+    folders = [Path(r) for r in (results if isinstance(results, (list, tuple)) else [results])]
+    docs = Path(docs)
+    lines = ["# Benchmarks", "",
+             "<!-- generated by `python -m benchmarks.render` from the results JSON files; do not edit -->", "",
+             "`python -m benchmarks.run` (full run, results in `benchmarks/results/`) or "
+             "`python -m benchmarks.run --quick` (results in `benchmarks/results/quick/`) regenerates this page; "
+             "`python -m benchmarks.render` rebuilds it from the JSON files alone.", ""]
+    methods = {}
+    for folder in folders:
+        for task in load(folder)[1]:
+            methods.update(task.get("methods", {}))
+    if methods:
+        lines += ["Methods (every one gets the same training steps after the dense model):", ""]
+        lines += [f"- `{key}`: {label}" for key, label in methods.items()] + [""]
+    sections = [run_section(folder, docs) for folder in folders]
+    if not any(sections):
+        lines += ["No results yet.", ""]
+    for section in sections:
+        lines += section
+    if discussion is not None and Path(discussion).is_file():
+        lines += [Path(discussion).read_text().rstrip(), ""]
+    text = "\n".join(lines)
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text)
+    return text
+
+
+def default_folders(root: Path) -> list[Path]:
+    """The full run first, then the quick run, where they have results."""
+    base = root / "benchmarks" / "results"
+    return [f for f in (base, base / "quick") if any(p.name != "run.json" for p in f.glob("*.json"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = HERE.parent
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.render")
+    parser.add_argument("--results", type=Path, nargs="*", default=None,
+                        help="results folders (default: benchmarks/results and benchmarks/results/quick)")
+    parser.add_argument("--docs", type=Path, default=root / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    render(args.results or default_folders(root), args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

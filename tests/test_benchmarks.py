@@ -1,0 +1,89 @@
+"""The benchmark harness (benchmarks/) end to end on tiny settings: `python -m benchmarks.run --tiny`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("upop", "upop_oneshot", "upop_uniform", "magnitude", "torch_pruning")
+TARGETS = (0.5, 0.75)
+
+pytest.importorskip("torch_pruning")
+pytest.importorskip("onnxruntime")
+
+
+def _has_fashion_mnist() -> bool:
+    sys.path.insert(0, str(ROOT / "src"))
+    try:
+        from upop.data import find_fashion_mnist
+
+        return find_fashion_mnist() is not None
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    tasks = "retrieval,classification" if _has_fashion_mnist() else "retrieval"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.run", "--tiny", "--threads", "1", "--tasks", tasks,
+           "--out", str(tmp / "results"), "--cache", str(tmp / "cache"), "--docs", str(tmp / "docs" / "BENCHMARKS.md")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, tasks.split(",")
+
+
+def test_results_schema(tiny_run):
+    tmp, tasks = tiny_run
+    run = json.loads((tmp / "results" / "run.json").read_text())
+    assert run["mode"] == "tiny" and run["tasks"] == tasks
+    assert run["wall_s"]["total"] > 0
+    assert {"torch", "transformers", "onnxruntime", "torch_pruning", "upop"} <= set(run["versions"])
+    assert run["machine"]["cores"] >= 1
+    for task in tasks:
+        data = json.loads((tmp / "results" / f"{task}.json").read_text())
+        assert data["complete"] is True and data["seeds"] == [0]
+        dense = data["dense"]
+        for key in ("metric", "params", "flops", "latency_ms", "prunable_params"):
+            assert dense[key] is not None
+        rows = {(r["method"], r["target"], r["seed"]): r for r in data["rows"]}
+        assert set(rows) == {(m, t, 0) for m in METHODS for t in TARGETS}
+        for (method, target, _), row in rows.items():
+            assert isinstance(row["metric"], float)
+            assert row["flops"] > 0 and row["flops"] < dense["flops"]
+            assert set(row["latency_ms"]) == {"batch1", "batch32"}
+            assert all(v > 0 for v in row["latency_ms"].values())
+            # every method lands near the same parameter count: dense - target * prunable
+            goal = dense["params"] - target * dense["prunable_params"]
+            assert abs(row["params"] - goal) <= 0.03 * dense["prunable_params"], (method, target)
+            assert abs(row["achieved"] - target) <= 0.03, (method, target)
+        summary = {(s["method"], s["target"]) for s in data["summary"]}
+        assert summary == {(m, t) for m in METHODS for t in TARGETS}
+        cost = data["search_cost"]
+        assert cost["plain_ms_median"] > 0 and cost["ratio_median"] > 0
+        assert data["speed"]["dense"]["torch_ms"]["batch1"] > 0
+    retrieval = json.loads((tmp / "results" / "retrieval.json").read_text())
+    ort = retrieval["speed"]["dense"]["ort_ms"]["batch1"]
+    assert ort is not None and ort > 0, retrieval["speed"]["dense"].get("export")
+    assert retrieval["speed"]["dense"]["ort_max_abs_diff"]["batch1"] < 1e-3
+
+
+def test_report_rendered_from_json_only(tiny_run, tmp_path):
+    tmp, tasks = tiny_run
+    text = (tmp / "docs" / "BENCHMARKS.md").read_text()
+    assert "tiny" in text
+    for task in tasks:
+        data = json.loads((tmp / "results" / f"{task}.json").read_text())
+        for label in data["methods"].values():
+            assert text.count(f"| {label} |") >= len(TARGETS), label
+        assert (tmp / "results" / "plots" / f"{task}_quality.png").is_file()
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import render
+
+    again = render.render(tmp / "results", tmp / "docs" / "again.md")
+    assert again == text  # the report is a function of the JSON files
