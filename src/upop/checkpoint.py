@@ -57,8 +57,10 @@ def _describe_transformers(model: nn.Module, folder: Path) -> dict[str, Any]:
 def _build_transformers(meta: dict[str, Any], folder: Path) -> nn.Module:
     import transformers
 
+    from .architectures import ARCHITECTURES
+
     name = meta.get("class")
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    cls = (ARCHITECTURES.get(name) or getattr(transformers, name, None)) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"{folder}: {str(name)[:80]!r} is not a transformers model class")
     try:

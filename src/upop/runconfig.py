@@ -33,13 +33,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "openmoji"  # openmoji | karpathy | imagefolder | fashion_mnist
+    # openmoji (each task's OpenMoji-derived data) | karpathy | imagefolder | fashion_mnist | vqav2 | nlvr2 | ade20k
+    format: str = "openmoji"
     root: str | None = None  # image root (karpathy), dataset root (imagefolder), cache (openmoji)
     train: str | None = None  # karpathy annotation files, or imagefolder split folders
     val: str | None = None
     test: str | None = None
     image_size: int = 64
     max_tokens: int = 24
+    prompt: str = "a picture of "  # caption: the decoder prompt, excluded from the loss (BLIP)
+    answer_list: str | None = None  # vqa: JSON list of candidate answers (default: the training answers)
     limit_train: int | None = None  # use only the first N training examples (quick runs, tests)
     limit_eval: int | None = None
     num_workers: int = 0
@@ -75,11 +78,17 @@ class EvalConfig:
     latency_batches: list[int] = field(default_factory=lambda: [1, 32])
     latency_repeats: int = 10
     skip_latency: bool = False
+    k_test: int = 128  # BLIP retrieval: ITC top-k candidates re-ranked by ITM (paper: 256 COCO, 128 Flickr)
+    num_beams: int = 3  # caption: beam search (paper: 3 beams, length 5..20)
+    max_new_tokens: int = 20
+    min_new_tokens: int = 5
+    k_answers: int = 128  # vqa: answers ranked by first-token probability, re-ranked by likelihood
+    multiscale: bool = False  # segmentation: scales 0.5..1.75 plus flip instead of single-scale
 
 
 @dataclass
 class RunConfig:
-    task: str = "retrieval"  # retrieval | classification
+    task: str = "retrieval"  # retrieval | classification | caption | vqa | nlvr | segmentation
     seed: int = 0
     output_dir: str = "runs/upop"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -95,8 +104,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-TASKS = ("retrieval", "classification")
-FORMATS = ("openmoji", "karpathy", "imagefolder", "fashion_mnist")
+TASKS = ("retrieval", "classification", "caption", "vqa", "nlvr", "segmentation")
+FORMATS = ("openmoji", "karpathy", "imagefolder", "fashion_mnist", "vqav2", "nlvr2", "ade20k")
 BAD_INPUT_MODES = ("stop", "skip")
 
 # values quoted in error messages are shortened: a YAML alias bomb would otherwise make repr() run forever
@@ -207,6 +216,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         bad(f"train.mixed_precision must be no, fp16 or bf16, got {_short(t.mixed_precision)}")
     if cfg.data.image_size < 8 or cfg.data.max_tokens < 4:
         bad("data.image_size must be >= 8 and data.max_tokens >= 4")
+    e = cfg.eval
+    for key in ("k_test", "num_beams", "max_new_tokens", "k_answers"):
+        if getattr(e, key) < 1:
+            bad(f"eval.{key} must be >= 1")
+    if not 0 <= e.min_new_tokens <= e.max_new_tokens:
+        bad("eval.min_new_tokens must be in [0, eval.max_new_tokens]")
     if cfg.data.on_bad_input not in BAD_INPUT_MODES:
         bad(f"data.on_bad_input must be stop or skip, got {_short(cfg.data.on_bad_input)}")
     if "total_steps" in cfg.upop:

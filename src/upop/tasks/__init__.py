@@ -12,6 +12,8 @@ TASKS: dict[str, type[Task]] = {"retrieval": RetrievalTask, "classification": Cl
 
 def make_task(cfg: RunConfig) -> Task:
     """Validate the data and build the model of `cfg.task` (fails fast on bad input)."""
+    if cfg.task not in TASKS:
+        raise NotImplementedError(f"task {cfg.task} is not available yet")
     return TASKS[cfg.task](cfg)
 
 

@@ -1,0 +1,1 @@
+"""The Segmenter (ViT encoder + mask-transformer decoder): built in the segmentation issue."""

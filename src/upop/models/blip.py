@@ -1,0 +1,60 @@
+"""BLIP presets (Hugging Face BlipForImageTextRetrieval / ForConditionalGeneration / ForQuestionAnswering).
+
+The tokenizer is BLIP's: bert-base-uncased's vocabulary (offline, from all-MiniLM-L6-v2) plus
+BLIP's two special tokens, [DEC] (bos of the decoder, id 30522) and [ENC] (the ITM / question
+encoder's first token, id 30523), so vocab_size is 30524 as in the released BLIP checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers as tf
+
+from ._common import BuiltModel, Preset, minilm_tokenizer
+
+BLIP_CLASSES = {
+    "retrieval": tf.BlipForImageTextRetrieval,
+    "caption": tf.BlipForConditionalGeneration,
+    "vqa": tf.BlipForQuestionAnswering,
+}
+
+
+def blip_tokenizer() -> Any:
+    tok = minilm_tokenizer()
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    tok.enc_token_id = tok.convert_tokens_to_ids("[ENC]")
+    return tok
+
+
+def blip_config(tokenizer: Any, image_size: int, patch: int, vision_width: int, vision_depth: int,
+                vision_heads: int, text_width: int, text_depth: int, text_heads: int,
+                projection_dim: int = 256, max_positions: int = 64) -> tf.BlipConfig:
+    vision = dict(image_size=image_size, patch_size=patch, hidden_size=vision_width,
+                  intermediate_size=4 * vision_width, num_hidden_layers=vision_depth,
+                  num_attention_heads=vision_heads)
+    text = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
+                num_hidden_layers=text_depth, num_attention_heads=text_heads, encoder_hidden_size=vision_width,
+                max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id)
+    return tf.BlipConfig(vision_config=vision, text_config=text, projection_dim=projection_dim,
+                         image_text_hidden_size=projection_dim)
+
+
+def _blip(task: str, vision: tuple[int, int, int, int], text: tuple[int, int, int], projection_dim: int):
+    """vision: (patch, width, depth, heads); text: (width, depth, heads)."""
+    def build(image_size: int, num_labels: int | None) -> BuiltModel:
+        tok = blip_tokenizer()
+        config = blip_config(tok, image_size, *vision, *text, projection_dim=projection_dim)
+        return BuiltModel(BLIP_CLASSES[task](config), tok, image_size)
+    return build
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny-blip-retrieval": ("retrieval", _blip("retrieval", (8, 32, 2, 4), (32, 2, 4), 16),
+                            "2-layer random BLIP, ITC + ITM heads (tests)"),
+    "tiny-blip-caption": ("caption", _blip("caption", (8, 32, 2, 4), (32, 2, 4), 16),
+                          "2-layer random BLIP with a text decoder (tests)"),
+    "tiny-blip-vqa": ("vqa", _blip("vqa", (8, 32, 2, 4), (32, 2, 4), 16),
+                      "2-layer random BLIP with question encoder and answer decoder (tests)"),
+}
