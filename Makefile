@@ -19,6 +19,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	  && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	      || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
 	  || echo "note: dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)"; }
+	# Java for the caption metrics' PTB tokenizer and METEOR; optional, needs root
+	@command -v java >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get install -y -q default-jre-headless >/dev/null 2>&1 \
+	      || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q default-jre-headless >/dev/null 2>&1)) \
+	  || echo "note: java not installed: caption METEOR is skipped (apt-get install default-jre-headless)"; }
 	touch $(STAMP)
 
 demo: $(STAMP)

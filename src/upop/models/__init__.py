@@ -14,9 +14,12 @@ from torch import nn
 
 from ..runconfig import ConfigError, ModelConfig
 from . import blip, dual, vit
+from . import nlvr as nlvr_presets
+from . import segmenter as segmenter_presets
 from ._common import CLIP_MEAN, CLIP_STD, BuiltModel, Preset, minilm_path, minilm_tokenizer, vit_config
 
-PRESETS: dict[str, Preset] = {**dual.PRESETS, **vit.PRESETS, **blip.PRESETS}
+PRESETS: dict[str, Preset] = {**dual.PRESETS, **vit.PRESETS, **blip.PRESETS, **nlvr_presets.PRESETS,
+                             **segmenter_presets.PRESETS}
 
 
 def build_model(cfg: ModelConfig, task: str, image_size: int, num_labels: int | None = None) -> BuiltModel:
@@ -36,12 +39,23 @@ def _hub_model(task: str, config: Any, source: str, num_labels: int | None, **kw
     model_type = getattr(config, "model_type", "")
     if task == "retrieval" and model_type == "blip":  # BLIP retrieval: ITC + ITM heads
         return tf.BlipForImageTextRetrieval.from_pretrained(source, **kwargs), _tokenizer(source, **kwargs)
+    if task == "nlvr":  # project-built model: BLIP's vision_model + text_encoder, fresh head
+        if model_type != "blip":
+            raise ConfigError(f"task nlvr needs a BLIP checkpoint, {source!r} is a {model_type or 'unknown'} model")
+        return nlvr_presets.from_blip_checkpoint(source, **kwargs), _tokenizer(source, **kwargs)
     if task in blip.BLIP_CLASSES and task != "retrieval":
         if model_type != "blip":
             raise ConfigError(f"task {task} needs a BLIP checkpoint, {source!r} is a {model_type or 'unknown'} model")
         return blip.BLIP_CLASSES[task].from_pretrained(source, **kwargs), _tokenizer(source, **kwargs)
     if task == "retrieval":
         return tf.AutoModel.from_pretrained(source, **kwargs), _tokenizer(source, **kwargs)
+    if task == "segmentation":  # project-built Segmenter: a ViT checkpoint as encoder, new decoder
+        if model_type != "vit":
+            raise ConfigError(f"task segmentation needs a ViT checkpoint, {source!r} is a "
+                              f"{model_type or 'unknown'} model")
+        if not num_labels:
+            raise ConfigError("task segmentation from a ViT checkpoint needs the number of classes")
+        return segmenter_presets.from_vit(source, num_labels, **kwargs), None
     if task == "classification":
         extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
         return tf.AutoModelForImageClassification.from_pretrained(source, **kwargs, **extra), None

@@ -30,9 +30,11 @@ def blip_tokenizer() -> Any:
 def blip_config(tokenizer: Any, image_size: int, patch: int, vision_width: int, vision_depth: int,
                 vision_heads: int, text_width: int, text_depth: int, text_heads: int,
                 projection_dim: int = 256, max_positions: int = 64) -> tf.BlipConfig:
+    # BlipVisionConfig's default initializer_range is 1e-10 (fine for loading released weights): a
+    # tower trained from scratch from it starts blind to the image, so presets use BERT's 0.02
     vision = dict(image_size=image_size, patch_size=patch, hidden_size=vision_width,
                   intermediate_size=4 * vision_width, num_hidden_layers=vision_depth,
-                  num_attention_heads=vision_heads)
+                  num_attention_heads=vision_heads, initializer_range=0.02)
     text = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
                 num_hidden_layers=text_depth, num_attention_heads=text_heads, encoder_hidden_size=vision_width,
                 max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
@@ -53,8 +55,14 @@ def _blip(task: str, vision: tuple[int, int, int, int], text: tuple[int, int, in
 PRESETS: dict[str, Preset] = {
     "tiny-blip-retrieval": ("retrieval", _blip("retrieval", (8, 32, 2, 4), (32, 2, 4), 16),
                             "2-layer random BLIP, ITC + ITM heads (tests)"),
+    "demo-blip-retrieval": ("retrieval", _blip("retrieval", (8, 128, 4, 4), (128, 4, 4), 128),
+                            "random BLIP: ViT 4x128 (patch 8) + text encoder 4x128, ITC + ITM heads (OpenMoji demo)"),
     "tiny-blip-caption": ("caption", _blip("caption", (8, 32, 2, 4), (32, 2, 4), 16),
                           "2-layer random BLIP with a text decoder (tests)"),
+    "demo-blip-caption": ("caption", _blip("caption", (8, 192, 4, 3), (256, 4, 4), 64),
+                          "random BLIP captioner: ViT 4x192 (patch 8) + decoder 4x256 (OpenMoji demo)"),
     "tiny-blip-vqa": ("vqa", _blip("vqa", (8, 32, 2, 4), (32, 2, 4), 16),
                       "2-layer random BLIP with question encoder and answer decoder (tests)"),
+    "demo-blip-vqa": ("vqa", _blip("vqa", (8, 128, 4, 4), (128, 3, 4), 64),
+                      "random BLIP VQA: ViT 4x128 (patch 8), question encoder + answer decoder 3x128 (OpenMoji demo)"),
 }

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from ..runconfig import RunConfig
 from .base import Task
+from .caption import CaptionTask
 from .classification import ClassificationTask
+from .nlvr import NLVRTask
 from .retrieval import RetrievalTask
+from .segmentation import SegmentationTask
+from .vqa import VQATask
 
-TASKS: dict[str, type[Task]] = {"retrieval": RetrievalTask, "classification": ClassificationTask}
+TASKS: dict[str, type[Task]] = {"retrieval": RetrievalTask, "classification": ClassificationTask,
+                                "nlvr": NLVRTask, "caption": CaptionTask}
+TASKS["segmentation"] = SegmentationTask
+TASKS["vqa"] = VQATask
 
 
 def make_task(cfg: RunConfig) -> Task:
@@ -17,4 +24,5 @@ def make_task(cfg: RunConfig) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["TASKS", "ClassificationTask", "RetrievalTask", "Task", "make_task"]
+__all__ = ["TASKS", "CaptionTask", "ClassificationTask", "NLVRTask", "RetrievalTask", "SegmentationTask", "Task",
+           "VQATask", "make_task"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,8 +10,36 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..data import DataError, KarpathyEval, KarpathyTrain, build_openmoji
 from ..models import BuiltModel
-from ..runconfig import RunConfig
+from ..runconfig import DataConfig, RunConfig
+
+DEFAULT_OPENMOJI_CACHE = Path("~/.cache/upop/openmoji").expanduser()
+
+
+def openmoji_source(data: DataConfig) -> Path:
+    """The OpenMoji image-text build (data.root, or the shared cache) that every task's
+    `format: openmoji` data is, or is derived from; built on first use."""
+    root = Path(data.root).expanduser() if data.root else DEFAULT_OPENMOJI_CACHE
+    return build_openmoji(root, image_size=max(data.image_size, 64))
+
+
+def karpathy_splits(data: DataConfig, task: str) -> tuple[KarpathyTrain, dict[str, KarpathyEval]]:
+    """Train / val / test of `format: openmoji` or `format: karpathy`, every file parsed and checked."""
+    if data.format == "openmoji":
+        image_root = openmoji_source(data)
+        files = {s: image_root / f"{s}.json" for s in ("train", "val", "test")}
+    elif data.format == "karpathy":
+        missing = [k for k in ("root", "train", "val", "test") if getattr(data, k) is None]
+        if missing:
+            raise DataError(f"data.format karpathy needs data.{', data.'.join(missing)}")
+        files = {s: Path(getattr(data, s)).expanduser() for s in ("train", "val", "test")}
+        image_root = Path(data.root).expanduser()
+    else:
+        raise DataError(f"task {task} reads data.format openmoji or karpathy, not {data.format}")
+    bad = data.on_bad_input
+    train = KarpathyTrain(files["train"], image_root, on_bad_input=bad)
+    return train, {s: KarpathyEval(files[s], image_root, on_bad_input=bad) for s in ("val", "test")}
 
 
 class Task:

@@ -1,13 +1,15 @@
-"""Image-text retrieval with a dual encoder (CLIPModel, VisionTextDualEncoderModel).
+"""Image-text retrieval with a dual encoder (CLIPModel, VisionTextDualEncoderModel) or with BLIP
+(BlipForImageTextRetrieval, see blip_retrieval.py).
 
-Loss: contrastive (ITC) where captions of the same image are all positives (targets are
-row-normalised), as in the paper's ITC without the momentum queue. Metric: recall@1/5/10 in
-both directions and their mean `r_mean`, the paper's selection metric.
+Dual encoders: contrastive loss (ITC) where captions of the same image are all positives (targets
+are row-normalised), as in the paper's ITC without the momentum queue; evaluation ranks by cosine
+similarity. BLIP: ITC + ITM with hard negatives; evaluation re-ranks the ITC top `eval.k_test`
+candidates with the ITM head. Metric: recall@1/5/10 in both directions and their mean `r_mean`,
+the paper's selection metric.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,12 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DataError, KarpathyEval, KarpathyTrain, build_openmoji, recall_at_k
+from ..data import DataError, recall_at_k
 from ..models import build_model
-from ..runconfig import RunConfig
-from .base import Task
-
-DEFAULT_OPENMOJI_CACHE = Path("~/.cache/upop/openmoji").expanduser()
+from ..runconfig import ConfigError, RunConfig
+from .base import Task, karpathy_splits
+from .blip_retrieval import (
+    blip_retrieval_loss,
+    encoder_ids,
+    image_embeddings,
+    is_blip_retrieval,
+    rerank_scores,
+    text_features,
+)
 
 
 def features(output: Any) -> torch.Tensor:
@@ -35,26 +43,15 @@ class RetrievalTask(Task):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         data = cfg.data
-        if data.format == "openmoji":
-            root = Path(data.root).expanduser() if data.root else DEFAULT_OPENMOJI_CACHE
-            root = build_openmoji(root, image_size=max(data.image_size, 64))
-            files = {s: root / f"{s}.json" for s in ("train", "val", "test")}
-            image_root = root
-        elif data.format == "karpathy":
-            missing = [k for k in ("root", "train", "val", "test") if getattr(data, k) is None]
-            if missing:
-                raise DataError(f"data.format karpathy needs data.{', data.'.join(missing)}")
-            files = {s: Path(getattr(data, s)).expanduser() for s in ("train", "val", "test")}
-            image_root = Path(data.root).expanduser()
-        else:
-            raise DataError(f"task retrieval reads data.format openmoji or karpathy, not {data.format}")
-        # Parse and check every annotation file before the model is built.
-        bad = data.on_bad_input
-        self._train = KarpathyTrain(files["train"], image_root, on_bad_input=bad)
-        self._eval = {s: KarpathyEval(files[s], image_root, on_bad_input=bad) for s in ("val", "test")}
+        # every annotation file is parsed and checked before the model is built
+        self._train, self._eval = karpathy_splits(data, "retrieval")
         self.built = build_model(cfg.model, "retrieval", data.image_size)
         if self.built.tokenizer is None:
             raise DataError("the retrieval model has no tokenizer")
+        self.blip = is_blip_retrieval(self.built.model)
+        self.enc_token_id: int | None = getattr(self.built.tokenizer, "enc_token_id", None)
+        if self.blip and self.enc_token_id is None:
+            raise ConfigError("a BLIP retrieval model needs BLIP's tokenizer, with its [ENC] token (ITM input)")
         self._train.transform = self.train_transform()
         for ds in self._eval.values():
             ds.transform = self.eval_transform()
@@ -78,6 +75,8 @@ class RetrievalTask(Task):
                 "image_ids": torch.as_tensor(image_ids)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.blip:
+            return blip_retrieval_loss(model, batch, self.enc_token_id)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"])
         logits = out.logits_per_image  # logit_scale * normalised image @ text^T
@@ -90,6 +89,8 @@ class RetrievalTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
+        if is_blip_retrieval(model):
+            return self._evaluate_blip(model, split, device)
         ds = self._eval[split]
         limit = self.cfg.data.limit_eval
         n_images = min(limit, len(ds)) if limit else len(ds)
@@ -113,10 +114,48 @@ class RetrievalTask(Task):
         txt2img = [ds.txt2img[t] for t in text_ids]
         return recall_at_k(sim.cpu(), img2txt, txt2img)
 
+    @torch.no_grad()
+    def _evaluate_blip(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
+        """BLIP's evaluation: ITC similarities, top eval.k_test candidates re-scored with ITM."""
+        ds = self._eval[split]
+        limit = self.cfg.data.limit_eval
+        n_images = min(limit, len(ds)) if limit else len(ds)
+        was_training = model.training
+        model.eval()
+        bs = self.cfg.train.eval_batch_size
+        image_embeds, image_feats = [], []
+        subset = torch.utils.data.Subset(ds, range(n_images))
+        for images, _ in DataLoader(subset, batch_size=bs, num_workers=self.cfg.data.num_workers):
+            embeds, feats = image_embeddings(model, images.to(device))
+            image_embeds.append(embeds)
+            image_feats.append(feats)
+        text_ids = [t for i in range(n_images) for t in ds.img2txt[i]]
+        tokens = {k: v.to(device) for k, v in self._tokens([ds.texts[t] for t in text_ids]).items()}
+        text_feats = [text_features(model, tokens["input_ids"][s:s + bs], tokens["attention_mask"][s:s + bs])
+                      for s in range(0, len(text_ids), bs)]
+        sim = torch.cat(image_feats).float() @ torch.cat(text_feats).float().t()
+        i2t, t2i = rerank_scores(model, torch.cat(image_embeds), sim,
+                                 encoder_ids(tokens["input_ids"], self.enc_token_id), tokens["attention_mask"],
+                                 self.cfg.eval.k_test, bs)
+        model.train(was_training)
+        position = {t: j for j, t in enumerate(text_ids)}
+        img2txt = [[position[t] for t in ds.img2txt[i]] for i in range(n_images)]
+        txt2img = [ds.txt2img[t] for t in text_ids]
+        # two score matrices: image->text recalls from i2t's rows, text->image ones from t2i's rows
+        out = {k: v for k, v in recall_at_k(i2t.cpu(), img2txt, txt2img).items() if k.startswith("txt_")}
+        out.update({k: v for k, v in recall_at_k(t2i.t().cpu(), img2txt, txt2img).items() if k.startswith("img_")})
+        out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+        return out
+
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
+        """Dual encoders: both towers; BLIP: the ITM forward of one (image, caption) pair per example
+        (vision + cross-attending text encoder), the cost of re-ranking one candidate."""
         length = self.cfg.data.max_tokens
         tokens = self.built.tokenizer(["a"] * batch_size, padding="max_length", max_length=length,
                                       truncation=True, return_tensors="pt")
+        input_ids = tokens["input_ids"]
+        if self.blip:
+            input_ids = encoder_ids(input_ids, self.enc_token_id)
         size = self.built.image_size
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+        return {"input_ids": input_ids, "attention_mask": tokens["attention_mask"],
                 "pixel_values": torch.randn(batch_size, 3, size, size)}

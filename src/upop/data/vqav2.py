@@ -1,0 +1,348 @@
+"""Visual question answering data in the official VQAv2 JSON format, and the VQAv2 accuracy.
+
+Questions file (``v2_OpenEnded_mscoco_<subtype>_questions.json``)::
+
+    {"data_subtype": "val2014", "questions": [{"image_id": 42, "question": "...", "question_id": 42000}, ...]}
+
+Annotations file (``v2_mscoco_<subtype>_annotations.json``; absent for test splits)::
+
+    {"annotations": [{"question_id": 42000, "image_id": 42, "multiple_choice_answer": "yes",
+                      "answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": 1}, ...],
+                      "answer_type": "yes/no", "question_type": "is the"}, ...]}
+
+A split is named by its questions file; its annotations file is found by the official naming
+(``OpenEnded_`` dropped, ``questions`` -> ``annotations``, same folder) or given explicitly as
+``questions.json:annotations.json``. Images are found with a pattern of ``{subtype}`` (the questions
+file's ``data_subtype``) and ``{image_id}``: by default ``<root>/{subtype}/COCO_{subtype}_{image_id:012d}.jpg``
+(the layout of the official COCO zips; test-dev questions read the test2015 images).
+
+Everything is checked when the dataset is built (structure, types, one annotation per question,
+the image of every question); images are decoded lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ._common import DataError, check_mode, is_file, load_image, load_image_or_none, log_skipped, read_json
+
+COCO_PATTERN = "{subtype}/COCO_{subtype}_{image_id:012d}.jpg"
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+# ---- the official answer normalisation (VQA evaluation), written from its description ----------
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset({"a", "an", "the"})
+# apostrophe-less spellings annotators type -> the contraction the evaluation compares against
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldntve": "couldn't've", "couldn'tve": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadntve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hedve": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "isnt": "isn't",
+    "itd": "it'd", "itdve": "it'd've", "itll": "it'll", "lets": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "shant": "shan't", "shed": "she'd", "shes": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "somebodyd": "somebody'd", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+# the marks the evaluation strips; periods, apostrophes, colons, %, $, & ... are not among them
+_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_LONE_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit (a decimal point stays)
+
+
+def normalize_answer(answer: str) -> str:
+    """VQA evaluation normalisation: whitespace, punctuation, number words -> digits, articles dropped,
+    contractions restored. "Two dogs." -> "2 dogs", "the cat's" -> "cat's", "dont know" -> "don't know"."""
+    original = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = original
+    # a mark next to a space (or any mark, when the text has a thousands comma) is dropped;
+    # elsewhere it separates words; the test looks at the original text, as the official code does
+    comma_number = _COMMA_IN_NUMBER.search(original) is not None
+    for p in _PUNCTUATION:
+        text = text.replace(p, "" if (f"{p} " in original or f" {p}" in original or comma_number) else " ")
+    text = _LONE_PERIOD.sub("", text).lower()
+    words = []
+    for word in text.split():
+        word = _NUMBERS.get(word, word)
+        if word in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official VQAv2 accuracy of one prediction against the human answers (normalised inside):
+    min(#humans who gave it / 3, 1), averaged over the leave-one-annotator-out subsets (with 10
+    answers: 1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1)."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one human answer")
+    pred = normalize_answer(prediction)
+    gts = [normalize_answer(a) for a in answers]
+    if len(gts) == 1:
+        return float(gts[0] == pred)
+    matches = sum(g == pred for g in gts)
+    # annotator j left out: the others give `matches - (gts[j] == pred)` matching answers
+    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+
+
+def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
+    """Unique normalised answers and the fraction of annotators who gave each (BLIP's VQA weights)."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    counts.pop("", None)
+    total = sum(counts.values())
+    unique = sorted(counts, key=lambda a: (-counts[a], a))
+    return unique, [counts[a] / total for a in unique]
+
+
+def pre_question(text: str, max_words: int = 50) -> str:
+    """Lowercase, drop sentence punctuation, collapse whitespace (BLIP's question preprocessing)."""
+    text = re.sub(r"[.!\"()*#:;~?]", " ", text.lower())
+    return " ".join(text.replace("-", " ").replace("/", " ").split()[:max_words])
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def split_files(spec: str | Path) -> tuple[Path, Path | None]:
+    """'questions.json' or 'questions.json:annotations.json' -> (questions, annotations or None).
+
+    Without an explicit annotations file, the official name is tried (v2_OpenEnded_mscoco_X_questions.json
+    -> v2_mscoco_X_annotations.json in the same folder), then any name with "questions" -> "annotations";
+    None when neither exists (a test split)."""
+    text = str(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.endswith(".json") and head.endswith(".json"):
+        return Path(head).expanduser(), Path(tail).expanduser()
+    questions = Path(text).expanduser()
+    name = questions.name
+    for candidate in (name.replace("OpenEnded_", "").replace("_questions", "_annotations"),
+                      name.replace("questions", "annotations")):
+        if candidate != name and is_file(questions.with_name(candidate)):
+            return questions, questions.with_name(candidate)
+    return questions, None
+
+
+def image_pattern(root: str | Path) -> str:
+    """data.root as an image path pattern: a folder gets the COCO layout appended; a string holding
+    "{image_id" is a pattern already (fields {subtype} and {image_id}, e.g. "/imgs/{image_id:012d}.jpg")."""
+    text = str(root)
+    if "{image_id" in text:
+        return str(Path(text).expanduser())
+    return str(Path(text).expanduser() / COCO_PATTERN)
+
+
+@dataclass
+class VQAItem:
+    question_id: int
+    image_id: int
+    question: str
+    image: Path
+    answers: list[str] | None  # the human answers as written (10 in VQAv2); None without annotations
+    answer_type: str | None = None
+
+
+def _int_field(path: Path, where: str, entry: dict, key: str) -> int:
+    if key not in entry:
+        raise DataError(f"{path}: {where}: missing key {key!r}")
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{path}: {where}: {key!r} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _list_field(path: Path, data: Any, key: str) -> list:
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with a {key!r} list, got {type(data).__name__}")
+    if key not in data:
+        raise DataError(f"{path}: missing key {key!r} (is this a VQAv2 {key} file?)")
+    if not isinstance(data[key], list):
+        raise DataError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
+    if not data[key]:
+        raise DataError(f"{path}: {key!r} is empty")
+    return data[key]
+
+
+def read_annotations(path: Path) -> dict[int, tuple[int, list[str], str | None]]:
+    """question_id -> (image_id, human answers, answer_type), every entry checked."""
+    out: dict[int, tuple[int, list[str], str | None]] = {}
+    for i, entry in enumerate(_list_field(path, read_json(path), "annotations")):
+        where = f"annotation {i}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
+        qid = _int_field(path, where, entry, "question_id")
+        image_id = _int_field(path, where, entry, "image_id")
+        where = f"annotation {i} (question_id {qid})"
+        raw = entry.get("answers")
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"{path}: {where}: 'answers' must be a non-empty list of objects")
+        answers = []
+        for j, a in enumerate(raw):
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                raise DataError(f"{path}: {where}: answer {j} must be an object with a string 'answer'")
+            answers.append(a["answer"])
+        if not any(normalize_answer(a) for a in answers):
+            raise DataError(f"{path}: {where}: every answer is empty after normalisation")
+        answer_type = entry.get("answer_type")
+        if answer_type is not None and not isinstance(answer_type, str):
+            raise DataError(f"{path}: {where}: 'answer_type' must be a string")
+        if qid in out:
+            raise DataError(f"{path}: {where}: question_id {qid} is annotated twice")
+        out[qid] = (image_id, answers, answer_type)
+    return out
+
+
+def read_vqav2(questions_file: str | Path, annotations_file: str | Path | None, pattern: str,
+               on_bad_input: str = "stop", require_answers: bool = True,
+               max_words: int = 50) -> tuple[list[VQAItem], list[str]]:
+    """Parse and check one split; returns its items and the problems skipped under on_bad_input "skip".
+
+    Malformed files, a question without an annotation and disagreeing image ids raise DataError in
+    both modes (annotations of questions not in the file are ignored: a questions file may be a
+    subset of the official one); a missing image file raises under "stop" and drops the question
+    under "skip"."""
+    check_mode(on_bad_input)
+    qpath = Path(questions_file)
+    data = read_json(qpath, "questions file")
+    questions = _list_field(qpath, data, "questions")
+    subtype = data.get("data_subtype", "")
+    if not isinstance(subtype, str):
+        raise DataError(f"{qpath}: 'data_subtype' must be a string, got {type(subtype).__name__}")
+    if "{subtype" in pattern and not subtype:
+        raise DataError(f"{qpath}: no 'data_subtype' for the image pattern {pattern!r}; "
+                        "give data.root as a pattern with {image_id}")
+    annotations = None
+    if annotations_file is not None:
+        annotations = read_annotations(Path(annotations_file))
+    elif require_answers:
+        raise DataError(f"{qpath}: no annotations file found next to it (official name "
+                        f"{qpath.name.replace('OpenEnded_', '').replace('_questions', '_annotations')}); "
+                        "give the split as 'questions.json:annotations.json'")
+    items: list[VQAItem] = []
+    skipped: list[str] = []
+    seen: set[int] = set()
+    exists: dict[Path, bool] = {}
+    for i, entry in enumerate(questions):
+        where = f"question {i}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{qpath}: {where}: expected an object, got {type(entry).__name__}")
+        qid = _int_field(qpath, where, entry, "question_id")
+        image_id = _int_field(qpath, where, entry, "image_id")
+        where = f"question {i} (question_id {qid})"
+        if qid in seen:
+            raise DataError(f"{qpath}: {where}: question_id {qid} appears twice")
+        seen.add(qid)
+        raw = entry.get("question")
+        if not isinstance(raw, str):
+            raise DataError(f"{qpath}: {where}: 'question' must be a string")
+        question = pre_question(raw, max_words)
+        if not question:
+            raise DataError(f"{qpath}: {where}: the question is empty")
+        answers, answer_type = None, None
+        if annotations is not None:
+            if qid not in annotations:
+                raise DataError(f"{qpath}: {where}: no annotation in {annotations_file}")
+            ann_image, answers, answer_type = annotations[qid]
+            if ann_image != image_id:
+                raise DataError(f"{qpath}: {where}: image_id {image_id}, but its annotation says {ann_image}")
+        try:  # test-dev questions use test images: "test-dev2015" -> test2015/COCO_test2015_*
+            image = Path(pattern.format(subtype=subtype.replace("test-dev", "test"), image_id=image_id))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataError(f"image pattern {pattern!r}: cannot format it ({exc}); fields are "
+                            "{subtype} and {image_id}") from None
+        if image not in exists:
+            exists[image] = is_file(image)
+        if not exists[image]:
+            problem = f"{qpath}: {where}: image file not found: {image}"
+            if on_bad_input == "stop":
+                raise DataError(problem)
+            skipped.append(problem)
+            continue
+        items.append(VQAItem(qid, image_id, question, image, answers, answer_type))
+    if not items:
+        raise DataError(f"{qpath}: no usable questions left: all were skipped as bad input "
+                        f"(first: {skipped[0] if skipped else '-'})")
+    log_skipped(qpath, skipped, "questions")
+    return items, skipped
+
+
+class VQAv2Dataset(Dataset):
+    """One split. Train items: (image, question, unique answers, weights) with weights the fraction
+    of annotators per normalised answer; eval items: (image, index) (`train=False`).
+
+    Images decode lazily; under on_bad_input "skip" a train item whose image fails to decode is None
+    (wrap the collate function with `drop_none`), an eval split is decoded up front instead so that
+    indices stay fixed."""
+
+    def __init__(self, questions_file: str | Path, pattern: str, annotations_file: str | Path | None = None,
+                 transform: Callable | None = None, on_bad_input: str = "stop", train: bool = True,
+                 require_answers: bool = True) -> None:
+        self.questions_file = Path(questions_file)
+        self.on_bad_input = check_mode(on_bad_input)
+        self.transform, self.train = transform, train
+        self.items, self.skipped = read_vqav2(questions_file, annotations_file, pattern, on_bad_input,
+                                              require_answers=require_answers or train)
+        self.has_answers = self.items[0].answers is not None
+        if not train and on_bad_input == "skip":
+            from ._common import undecodable
+
+            failed = undecodable(sorted({it.image for it in self.items}))
+            self.skipped += [f"{self.questions_file}: question_id {it.question_id}: {failed[it.image]}"
+                             for it in self.items if it.image in failed]
+            self.items = [it for it in self.items if it.image not in failed]
+            if not self.items:
+                raise DataError(f"{self.questions_file}: no question has a decodable image")
+        self.weighted = [answer_weights(it.answers) for it in self.items] if self.has_answers else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.items[i]
+        if self.train:
+            image = load_image_or_none(item.image, self.on_bad_input, self.skipped)
+            if image is None:
+                return None
+            answers, weights = self.weighted[i]
+            return (self.transform(image) if self.transform else image), item.question, answers, weights
+        image = load_image(item.image)
+        return (self.transform(image) if self.transform else image), i
+
+    def training_answers(self) -> list[str]:
+        """Every normalised answer of the split, most frequent first (the default answer list)."""
+        counts: Counter[str] = Counter()
+        for answers, weights in self.weighted or []:
+            for a, w in zip(answers, weights, strict=True):
+                counts[a] += w
+        return sorted(counts, key=lambda a: (-counts[a], a))
+
+
+def read_answer_list(path: str | Path) -> list[str]:
+    """A JSON list of candidate answers (BLIP's answer_list.json), normalised and deduplicated."""
+    path = Path(path).expanduser()
+    data = read_json(path, "answer list")
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON list of answer strings")
+    out: dict[str, None] = {}
+    for i, a in enumerate(data):
+        if not isinstance(a, str):
+            raise DataError(f"{path}: entry {i}: answers must be strings, got {type(a).__name__}")
+        if normalize_answer(a):
+            out[normalize_answer(a)] = None
+    if not out:
+        raise DataError(f"{path}: every answer is empty after normalisation")
+    return list(out)

@@ -1,0 +1,256 @@
+"""Semantic segmentation with a Segmenter (the paper's ADE20K task).
+
+Loss: pixel cross-entropy, label 255 ignored. Metrics (percent), over the whole split from one
+confusion matrix, as mmseg's `mean_iou`: per-class IoU = intersection / union, NaN when the class
+is in neither the prediction nor the ground truth; per-class accuracy = intersection / ground-truth
+pixels, NaN when the class has no ground-truth pixel; `miou` and `macc` are the means over the
+classes that are not NaN; `pixel_acc` = correct / labelled pixels. `miou` selects checkpoints.
+
+Inference at the original resolution: the image is resized so that its short side is
+data.image_size (aspect kept), windows of image_size x image_size slide over the long side
+(stride = window, the last one flush with the end; overlaps averaged) as Segmenter's
+"sliding window 512/512", and the logits are upsampled bilinearly to the annotation's size.
+eval.multiscale: short sides image_size x (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), each also flipped
+horizontally; the 12 logit maps are averaged at the original size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from ..architectures.segmenter import IGNORE_INDEX, segmentation_loss
+from ..data import DataError
+from ..data.ade20k import ADE20K_CLASSES, ADE20KDataset
+from ..data.openmoji_seg import SPLIT_FOLDERS, build_openmoji_seg, class_names
+from ..models import build_model
+from ..runconfig import ConfigError, RunConfig
+from .base import Task, openmoji_source
+
+MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+SCALE_RANGE = (0.5, 2.0)  # training: random rescaling of the short side, as Segmenter's ratio_range
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    metric = "miou"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        data = cfg.data
+        bad = data.on_bad_input
+        if data.format == "ade20k":
+            if data.root is None:
+                raise DataError("data.format ade20k needs data.root (the ADEChallengeData2016 folder)")
+            root = Path(data.root).expanduser()
+            num_labels = cfg.model.num_labels or ADE20K_CLASSES
+            self.classes = [str(i) for i in range(num_labels)]
+            folders = {"train": "training", "val": "validation", "test": "validation"}  # no public test labels
+        elif data.format == "openmoji":
+            source = openmoji_source(data)
+            root = build_openmoji_seg(source.with_name(source.name + "-seg"), source,
+                                      image_size=max(32, data.image_size))
+            self.classes = class_names(root)  # annotation value 0 is ignored, 1 (class 0) is background
+            if cfg.model.num_labels not in (None, len(self.classes)):
+                raise ConfigError(f"model.num_labels is {cfg.model.num_labels}, the OpenMoji segmentation data "
+                                  f"has {len(self.classes)} classes")
+            num_labels = len(self.classes)
+            folders = SPLIT_FOLDERS
+        else:
+            raise DataError(f"task segmentation reads data.format ade20k or openmoji, not {data.format}")
+        # every folder and pair is checked now; evaluation annotations are decoded too (labels in range)
+        self.splits: dict[str, Dataset] = {}
+        opened: dict[str, ADE20KDataset] = {}
+        for split, folder in folders.items():
+            if folder not in opened:
+                opened[folder] = ADE20KDataset(root, folder, num_labels, on_bad_input=bad, check=split != "train")
+            self.splits[split] = opened[folder]
+        self.num_labels = num_labels
+        self.built = build_model(cfg.model, "segmentation", data.image_size, num_labels)
+        model_labels = getattr(getattr(self.built.model, "config", None), "num_labels", num_labels)
+        if model_labels != num_labels:
+            raise ConfigError(f"the model predicts {model_labels} classes, the data has {num_labels}")
+        train = self.splits["train"]
+        if data.limit_train:
+            train = Subset(train, range(min(data.limit_train, len(train))))
+        self._train = _Joint(train, TrainTransform(data.image_size, self.built.mean, self.built.std))
+
+    def build_fresh_model(self) -> nn.Module:
+        return build_model(self.cfg.model, "segmentation", self.cfg.data.image_size, self.num_labels).model
+
+    def train_dataset(self) -> Dataset:
+        return self._train
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        images, labels = zip(*items, strict=True)
+        return {"pixel_values": torch.stack(images), "labels": torch.stack(labels)}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        return segmentation_loss(logits, batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
+        ds: Dataset = _Joint(self.splits[split], self._eval_item)
+        if self.cfg.data.limit_eval:
+            ds = Subset(ds, range(min(self.cfg.data.limit_eval, len(ds))))
+        loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=_keep_lists,
+                            num_workers=self.cfg.data.num_workers)
+        scales = MULTISCALE if self.cfg.eval.multiscale else (1.0,)
+        flips = (False, True) if self.cfg.eval.multiscale else (False,)
+        was_training = model.training
+        model.eval()
+        confusion = torch.zeros(self.num_labels, self.num_labels, dtype=torch.int64)
+        for images, labels in loader:  # images: normalised (3, H, W) tensors at their original size
+            for group in _same_size(images):
+                x = torch.stack([images[i] for i in group]).to(device)
+                logits = predict(model, x, self.cfg.data.image_size, scales, flips)
+                pred = logits.argmax(1).cpu()
+                for j, i in enumerate(group):
+                    confusion += confusion_matrix(pred[j], labels[i], self.num_labels)
+        model.train(was_training)
+        return segmentation_metrics(confusion)
+
+    def _eval_item(self, image: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return TF.normalize(TF.to_tensor(image), self.built.mean, self.built.std), labels
+
+    def example_inputs(self, batch_size: int) -> dict[str, Any]:
+        size = self.built.image_size
+        return {"pixel_values": torch.randn(batch_size, 3, size, size)}
+
+
+# ---- transforms ----------------------------------------------------------------------------------
+class TrainTransform:
+    """Image and label map together: random rescale of the short side to size x U(0.5, 2) (bilinear
+    image, nearest labels), padding to at least size x size (labels padded with 255), a random
+    size x size crop and a horizontal flip with p = 0.5. Randomness comes from torch's RNG, which
+    the trainer reseeds every epoch."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.size
+        low, high = SCALE_RANGE
+        ratio = low + (high - low) * float(torch.rand(()))
+        short = max(1, round(size * ratio))
+        x = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        x = TF.resize(x, short, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        y = TF.resize(labels[None], short, interpolation=InterpolationMode.NEAREST)[0]
+        pad_h, pad_w = max(0, size - x.shape[1]), max(0, size - x.shape[2])
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+            y = F.pad(y, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        top = int(torch.randint(0, x.shape[1] - size + 1, ()))
+        left = int(torch.randint(0, x.shape[2] - size + 1, ()))
+        x, y = x[:, top:top + size, left:left + size], y[top:top + size, left:left + size]
+        if float(torch.rand(())) < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return x.contiguous(), y.contiguous()
+
+
+class _Joint(Dataset):
+    """Applies a joint (image, labels) transform on top of an ADE20KDataset (or a Subset of one)."""
+
+    def __init__(self, base: Dataset, transform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        if item is None:  # skipped under data.on_bad_input "skip"
+            return None
+        return self.transform(*item)
+
+
+def _keep_lists(items: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    kept = [item for item in items if item is not None]
+    return [i for i, _ in kept], [lab for _, lab in kept]
+
+
+def _same_size(images: list[torch.Tensor]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    return list(groups.values())
+
+
+# ---- inference -----------------------------------------------------------------------------------
+def predict(model: nn.Module, images: torch.Tensor, size: int, scales: tuple[float, ...] = (1.0,),
+            flips: tuple[bool, ...] = (False,)) -> torch.Tensor:
+    """images (B, 3, H, W), all the same size -> logits (B, K, H, W), averaged over scales and flips."""
+    height, width = images.shape[-2:]
+    total = None
+    for scale in scales:
+        short = max(1, round(size * scale))
+        factor = short / min(height, width)
+        resized = (max(1, round(height * factor)), max(1, round(width * factor)))
+        x = images if resized == (height, width) else F.interpolate(
+            images, size=resized, mode="bilinear", align_corners=False, antialias=factor < 1)
+        for flip in flips:
+            logits = slide(model, x.flip(-1) if flip else x, size)
+            logits = logits.flip(-1) if flip else logits
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            total = logits if total is None else total + logits
+    return total / (len(scales) * len(flips))
+
+
+def slide(model: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
+    """Logits of x (B, 3, h, w) from window x window crops (smaller when x is smaller), stride =
+    window, the last crop flush with the edge; overlapping logits are averaged."""
+    h, w = x.shape[-2:]
+    wh, ww = min(window, h), min(window, w)
+    tops, lefts = _starts(h, wh), _starts(w, ww)
+    total, count = None, torch.zeros(1, 1, h, w, device=x.device)
+    for top in tops:
+        for left in lefts:
+            out = model(pixel_values=x[..., top:top + wh, left:left + ww]).logits.float()
+            if total is None:
+                total = torch.zeros(x.shape[0], out.shape[1], h, w, device=x.device)
+            total[..., top:top + wh, left:left + ww] += out
+            count[..., top:top + wh, left:left + ww] += 1
+    return total / count
+
+
+def _starts(length: int, window: int) -> list[int]:
+    n = max(1, math.ceil((length - window) / window) + 1)
+    return sorted({min(i * window, length - window) for i in range(n)})
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(K, K) counts, rows = ground truth, columns = prediction; IGNORE_INDEX pixels left out."""
+    valid = labels != IGNORE_INDEX
+    index = labels[valid].long() * num_labels + pred[valid].long()
+    return torch.bincount(index, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU, mean accuracy and pixel accuracy (percent) of a confusion matrix, as mmseg's mean_iou."""
+    c = confusion.double()
+    intersect, area_label, area_pred = c.diag(), c.sum(1), c.sum(0)
+    union = area_label + area_pred - intersect
+    iou = intersect / union  # 0/0 = NaN: the class is in neither prediction nor ground truth
+    acc = intersect / area_label  # NaN: no ground-truth pixel of the class
+    labelled = float(area_label.sum())
+    return {
+        "miou": 100 * _nanmean(iou),
+        "macc": 100 * _nanmean(acc),
+        "pixel_acc": 100 * float(intersect.sum()) / labelled if labelled else float("nan"),
+    }
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    kept = values[~values.isnan()]
+    return float(kept.mean()) if kept.numel() else float("nan")
+
