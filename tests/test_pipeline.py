@@ -231,11 +231,16 @@ def test_shipped_configs_are_valid():
 
     root = Path(__file__).parents[1]
     paths = sorted((root / "examples").glob("*.yaml"))
+    paper = sorted((root / "examples" / "paper").glob("*.yaml"))  # the paper's settings, for real data
+    assert {p.stem for p in paper} >= {"coco_blip_retrieval", "coco_caption", "vqav2", "nlvr2", "ade20k_segmenter"}
     with resources.as_file(resources.files("upop.configs") / "demo.yaml") as demo:
         paths.append(Path(demo))
         for path in paths:
             cfg = load_run_config(path)
-            assert cfg.upop.get("target", 0.5) == 0.5, path
+            assert cfg.upop.get("target", 0.5) == 0.5, path  # the runnable demos are all 2x
+        for path in paper:
+            cfg = load_run_config(path)
+            assert cfg.model.name and cfg.data.format != "openmoji", path
 
 
 def test_gradient_accumulation_and_bf16(karpathy, tmp_path):
