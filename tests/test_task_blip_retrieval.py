@@ -314,3 +314,26 @@ def test_two_processes_train_through_the_ddp_wrapper(karpathy, tmp_path):
     plans = [json.loads((out / f"plan.rank{r}.json").read_text())["structures"] for r in (0, 1)]
     assert plans[0] == plans[1]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_text_encoder_initialised_from_bert_computes_what_bert_computes():
+    """The MiniLM-initialised preset's mechanism: a BERT of the same shape copied into BLIP's text
+    encoder (type-0 row folded into the positions) gives BERT's outputs on the unimodal path."""
+    import transformers as tf
+
+    from upop.models.blip import blip_config, blip_tokenizer, init_text_from_bert
+
+    tok = blip_tokenizer()
+    bert = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=64)).eval()
+    with torch.no_grad():  # a non-zero type-0 row, so that forgetting to fold it fails the test
+        bert.embeddings.token_type_embeddings.weight.normal_()
+    blip = tf.BlipForImageTextRetrieval(blip_config(tok, 32, 8, 32, 2, 4, 32, 2, 4, projection_dim=16)).eval()
+    init_text_from_bert(blip.text_encoder, bert, tok.cls_token_id)
+    tokens = tok(["a red heart", "person surfing medium skin tone"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**tokens).last_hidden_state
+        got = blip.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    assert (expected - got).abs().max() < 1e-5
+    words = blip.text_encoder.embeddings.word_embeddings.weight
+    assert torch.equal(words[tok.enc_token_id], bert.embeddings.word_embeddings.weight[tok.cls_token_id])

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers as tf
 
-from ._common import BuiltModel, Preset, minilm_tokenizer
+from ._common import BuiltModel, Preset, minilm_path, minilm_tokenizer
 
 BLIP_CLASSES = {
     "retrieval": tf.BlipForImageTextRetrieval,
@@ -52,11 +53,46 @@ def _blip(task: str, vision: tuple[int, int, int, int], text: tuple[int, int, in
     return build
 
 
+
+@torch.no_grad()
+def init_text_from_bert(text_model: tf.BlipTextModel, bert: tf.BertModel, cls_token_id: int) -> None:
+    """Copy a pretrained BERT (same width, depth and heads) into a BLIP text encoder / decoder:
+    embeddings and every self-attention and MLP; the cross-attention layers stay new. BLIP has
+    no token-type table, so BERT's type-0 row, added to every token, is folded into the
+    position table; [DEC] and [ENC] (beyond BERT's vocabulary) start as copies of [CLS]."""
+    source = bert.state_dict()
+    target = text_model.state_dict()
+    for name, tensor in target.items():
+        if name in source and source[name].shape == tensor.shape:
+            tensor.copy_(source[name])
+    words, old = target["embeddings.word_embeddings.weight"], source["embeddings.word_embeddings.weight"]
+    words[: old.shape[0]] = old
+    words[old.shape[0]:] = old[cls_token_id]
+    positions = target["embeddings.position_embeddings.weight"]
+    positions.copy_(source["embeddings.position_embeddings.weight"][: positions.shape[0]]
+                    + source["embeddings.token_type_embeddings.weight"][0])
+
+
+def _minilm_blip_retrieval(image_size: int, num_labels: int | None) -> BuiltModel:
+    """BLIP retrieval whose text encoder starts from the pretrained all-MiniLM-L6-v2 (384 wide,
+    6 layers, 12 heads) and whose ViT (4 layers, 192 wide, patch 8) is trained here."""
+    tok = blip_tokenizer()
+    bert = tf.BertModel.from_pretrained(str(minilm_path()))
+    text = bert.config
+    config = blip_config(tok, image_size, 8, 192, 4, 3, text.hidden_size, text.num_hidden_layers,
+                         text.num_attention_heads, projection_dim=256)
+    model = tf.BlipForImageTextRetrieval(config)
+    init_text_from_bert(model.text_encoder, bert, tok.cls_token_id)
+    return BuiltModel(model, tok, image_size)
+
+
 PRESETS: dict[str, Preset] = {
     "tiny-blip-retrieval": ("retrieval", _blip("retrieval", (8, 32, 2, 4), (32, 2, 4), 16),
                             "2-layer random BLIP, ITC + ITM heads (tests)"),
     "demo-blip-retrieval": ("retrieval", _blip("retrieval", (8, 128, 4, 4), (128, 4, 4), 128),
                             "random BLIP: ViT 4x128 (patch 8) + text encoder 4x128, ITC + ITM heads (OpenMoji demo)"),
+    "demo-blip-retrieval-minilm": ("retrieval", _minilm_blip_retrieval,
+                                   "BLIP: ViT 4x192 (patch 8) + text encoder from pretrained all-MiniLM-L6-v2"),
     "tiny-blip-caption": ("caption", _blip("caption", (8, 32, 2, 4), (32, 2, 4), 16),
                           "2-layer random BLIP with a text decoder (tests)"),
     "demo-blip-caption": ("caption", _blip("caption", (8, 192, 4, 3), (256, 4, 4), 64),

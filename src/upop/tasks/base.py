@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,28 @@ class Task:
             T.ToTensor(),
             T.Normalize(self.built.mean, self.built.std),
         ])
+
+
+class Mapped(Dataset):
+    """`fn(*item)` for each item of `base` (a tuple); an item skipped under data.on_bad_input
+    "skip" (None) stays None, for the collate function's drop_none."""
+
+    def __init__(self, base: Dataset, fn: Callable[..., Any]) -> None:
+        self.base, self.fn = base, fn
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.base[i]
+        return None if item is None else self.fn(*item)
+
+
+class ImageOnly:
+    """Applies an image transform to the first element of an (image, ...) item (picklable for workers)."""
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any, *rest: Any) -> tuple:
+        return (self.transform(image), *rest)

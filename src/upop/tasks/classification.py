@@ -14,7 +14,7 @@ from ..data import CLASSES as FASHION_CLASSES
 from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none, top_k_accuracy
 from ..models import build_model
 from ..runconfig import RunConfig
-from .base import Task
+from .base import ImageOnly, Mapped, Task
 
 
 class ClassificationTask(Task):
@@ -57,7 +57,7 @@ class ClassificationTask(Task):
         return build_model(self.cfg.model, "classification", self.cfg.data.image_size, len(self.classes)).model
 
     def train_dataset(self) -> Dataset:
-        return _Transformed(self.splits["train"], self._train_tf)
+        return Mapped(self.splits["train"], ImageOnly(self._train_tf))
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         images, labels = zip(*items, strict=True)
@@ -69,7 +69,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
-        ds = _Transformed(self.splits[split], self._eval_tf)
+        ds = Mapped(self.splits[split], ImageOnly(self._eval_tf))
         limit = self.cfg.data.limit_eval
         if limit:
             ds = Subset(ds, range(min(limit, len(ds))))
@@ -87,20 +87,3 @@ class ClassificationTask(Task):
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
         size = self.built.image_size
         return {"pixel_values": torch.randn(batch_size, 3, size, size)}
-
-
-class _Transformed(Dataset):
-    """Applies an image transform on top of a dataset of (PIL image, label)."""
-
-    def __init__(self, base: Dataset, transform) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        item = self.base[i]
-        if item is None:  # an image skipped under data.on_bad_input "skip"
-            return None
-        image, label = item
-        return self.transform(image), label

@@ -33,7 +33,7 @@ from ..data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from ..data.openmoji_seg import SPLIT_FOLDERS, build_openmoji_seg, class_names
 from ..models import build_model
 from ..runconfig import ConfigError, RunConfig
-from .base import Task, openmoji_source
+from .base import Mapped, Task, openmoji_source
 
 MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 SCALE_RANGE = (0.5, 2.0)  # training: random rescaling of the short side, as Segmenter's ratio_range
@@ -81,7 +81,7 @@ class SegmentationTask(Task):
         train = self.splits["train"]
         if data.limit_train:
             train = Subset(train, range(min(data.limit_train, len(train))))
-        self._train = _Joint(train, TrainTransform(data.image_size, self.built.mean, self.built.std))
+        self._train = Mapped(train, TrainTransform(data.image_size, self.built.mean, self.built.std))
 
     def build_fresh_model(self) -> nn.Module:
         return build_model(self.cfg.model, "segmentation", self.cfg.data.image_size, self.num_labels).model
@@ -99,7 +99,7 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
-        ds: Dataset = _Joint(self.splits[split], self._eval_item)
+        ds: Dataset = Mapped(self.splits[split], self._eval_item)
         if self.cfg.data.limit_eval:
             ds = Subset(ds, range(min(self.cfg.data.limit_eval, len(ds))))
         loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=_keep_lists,
@@ -155,22 +155,6 @@ class TrainTransform:
         if float(torch.rand(())) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
         return x.contiguous(), y.contiguous()
-
-
-class _Joint(Dataset):
-    """Applies a joint (image, labels) transform on top of an ADE20KDataset (or a Subset of one)."""
-
-    def __init__(self, base: Dataset, transform) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        item = self.base[i]
-        if item is None:  # skipped under data.on_bad_input "skip"
-            return None
-        return self.transform(*item)
 
 
 def _keep_lists(items: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
