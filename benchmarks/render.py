@@ -278,8 +278,36 @@ def run_section(results: Path, docs: Path) -> list[str]:
     return lines
 
 
-def render(results: Path | list[Path], docs: Path, discussion: Path | None = HERE / "discussion.md") -> str:
-    """Write `docs` from one or more results folders (one section each, in the order given)."""
+STEP_BUDGET = HERE / "results" / "step_budget" / "retrieval.json"
+
+
+def step_budget_section(path: Path, docs: Path) -> list[str]:
+    """The follow-up of benchmarks/step_budget.py: the same comparison at larger step budgets."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    machine = data.get("machine", {})
+    lines = ["## Follow-up: retrieval at larger step budgets", "",
+             f"`python -m benchmarks.step_budget` (source file `{os.path.relpath(path, docs.parent)}`): the cached "
+             f"dense model of the full retrieval run (r_mean {data['dense']['metric']:.2f}) and its settings, "
+             "but more training steps per method (UPop: half search, half retraining; Torch-Pruning: all "
+             f"retraining). {machine.get('cores')} cores, torch threads {machine.get('torch_threads')}.", "",
+             "| steps per method (search + retrain) | target | seed | method | r_mean | before retrain | "
+             "params (M) | FLOPs (G) | wall (s) |", "|" + "---|" * 9]
+    runs = sorted(data.get("runs", []), key=lambda r: (r["steps"], r["target"], r["seed"]))
+    for run in runs:
+        for row in sorted(run["rows"], key=lambda r: r["method"]):
+            search = (row["info"].get("search") or {}).get("steps", 0)  # one-shot methods: none
+            lines.append(f"| {run['steps']} ({search} + {run['steps'] - search}) | {run['target']} | {run['seed']} | "
+                         f"{row['label']} | {row['metric']:.2f} | {_fmt(row['info'].get('metric_before_retrain'))} | "
+                         f"{row['params'] / 1e6:.2f} | {row['flops'] / 1e9:.3f} | {row['wall_s']:.0f} |")
+    return lines + [""]
+
+
+def render(results: Path | list[Path], docs: Path, discussion: Path | None = HERE / "discussion.md",
+           follow_up: Path | None = None) -> str:
+    """Write `docs` from one or more results folders (one section each, in the order given), then the
+    step-budget follow-up (when given) and the discussion."""
     folders = [Path(r) for r in (results if isinstance(results, (list, tuple)) else [results])]
     docs = Path(docs)
     lines = ["# Benchmarks", "",
@@ -299,6 +327,8 @@ def render(results: Path | list[Path], docs: Path, discussion: Path | None = HER
         lines += ["No results yet.", ""]
     for section in sections:
         lines += section
+    if follow_up is not None:
+        lines += step_budget_section(Path(follow_up), docs)
     if discussion is not None and Path(discussion).is_file():
         lines += [Path(discussion).read_text().rstrip(), ""]
     text = "\n".join(lines)
@@ -320,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folders (default: benchmarks/results and benchmarks/results/quick)")
     parser.add_argument("--docs", type=Path, default=root / "docs" / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    render(args.results or default_folders(root), args.docs)
+    render(args.results or default_folders(root), args.docs, follow_up=None if args.results else STEP_BUDGET)
     return 0
 
 

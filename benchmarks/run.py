@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     run_meta_path.write_text(json.dumps(meta, indent=1))
     defaults = render.default_folders(ROOT)
     folders = defaults if args.out.resolve() in [f.resolve() for f in defaults] else [args.out]
-    render.render(folders, args.docs)
+    render.render(folders, args.docs, follow_up=render.STEP_BUDGET if folders == defaults else None)
     log(f"done in {meta['wall_s']['total'] / 60:.1f} min; results in {args.out}, report in {args.docs}")
     return 0
 

@@ -87,3 +87,28 @@ def test_report_rendered_from_json_only(tiny_run, tmp_path):
 
     again = render.render(tmp / "results", tmp / "docs" / "again.md")
     assert again == text  # the report is a function of the JSON files
+
+
+def test_step_budget_follow_up_rendered_from_its_json(tiny_run, tmp_path):
+    """The follow-up table (benchmarks/step_budget.py) is built from its JSON file, one line per row."""
+    tmp, _ = tiny_run
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import render
+
+    row = {"label": "UPop (unified + progressive)", "metric": 12.345, "params": 1_500_000, "flops": 2.5e8,
+           "wall_s": 61.2, "info": {"metric_before_retrain": 3.21, "search": {"steps": 20}}}
+    data = {"machine": {"cores": 2, "torch_threads": 2}, "dense": {"metric": 20.5},
+            "runs": [{"steps": 40, "search_steps": 20, "target": 0.5, "seed": s,
+                      "rows": [{**row, "method": "upop"},
+                               {**row, "method": "torch_pruning", "label": "Torch-Pruning", "metric": 9.87,
+                                "info": {}}]}
+                     for s in (1, 0)]}
+    follow = tmp_path / "step_budget.json"
+    follow.write_text(json.dumps(data))
+    text = render.render(tmp / "results", tmp_path / "docs" / "B.md", follow_up=follow)
+    table = [line for line in text.splitlines() if line.startswith("| 40 (")]
+    assert len(table) == 4
+    assert table[0].startswith("| 40 (0 + 40) | 0.5 | 0 | Torch-Pruning | 9.87 | n/a |")  # seed order; no search
+    assert "| 40 (20 + 20) | 0.5 | 1 | UPop (unified + progressive) | 12.35 | 3.21 | 1.50 | 0.250 | 61 |" in table
+    assert "r_mean 20.50" in text
+    assert text == render.render(tmp / "results", tmp_path / "docs" / "B.md", follow_up=follow)
