@@ -205,6 +205,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` through a temporary file and a rename, so an interrupted run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache: Path, env: dict,
              mode: str, fresh: bool) -> dict[str, Any]:
     started = time.time()
@@ -231,9 +239,7 @@ def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache:
 
     def save() -> None:
         result["summary"] = summarise(result["rows"])
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        write_json(path, result)
 
     phase = time.time()
     dense, dense_info = dense_model(bench, spec, cache)

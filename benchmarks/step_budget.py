@@ -14,23 +14,15 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from upop import count_flops, count_params
 
 from .methods import METHODS
-from .run import MODES, ROOT, dense_model, environment, evaluate, log, make_bench
+from .run import MODES, ROOT, dense_model, environment, evaluate, log, make_bench, write_json
 
 OUT = ROOT / "benchmarks" / "results" / "step_budget" / "retrieval.json"
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                "info": info, "wall_s": time.time() - start}
         run["rows"] = [r for r in run["rows"] if r["method"] != method] + [row]
         log(f"{method}: {bench.task.metric} {row['metric']:.2f}")
-        _write(args.out, data)
+        write_json(args.out, data)
     return 0
 
 
