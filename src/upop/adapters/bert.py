@@ -2,7 +2,9 @@
 
 Attention: `<layer>.attention.self` (or `.crossattention.self`) holds `query`, `key`,
 `value`; the out-projection is the sibling `<...>.output.dense`. Cross-attention key/value
-take the encoder's width as input; only their output rows are pruned.
+take the encoder's width as input; only their output rows are pruned. BLIP's NLVR text layer has
+two cross-attention branches `crossattention.self0` / `self1` whose out-projections are
+`crossattention.output.dense0` / `dense1`: each branch is a structure of its own.
 Temperature: transformers' BertSelfAttention keeps `self.scaling` from `__init__`;
 BlipTextSelfAttention divides by sqrt(attention_head_size) at every call, so its kept
 query rows are rescaled at compression.
@@ -23,6 +25,13 @@ def _parent(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
 
 
+def _branch(path: str) -> str:
+    """The digit of a twin branch `.self0` / `.self1` (whose out-projection is `dense0` / `dense1`), else ""."""
+    attr = path.rsplit(".", 1)[-1]
+    suffix = attr[len("self"):] if attr.startswith("self") else ""
+    return suffix if suffix.isdigit() else ""
+
+
 def _is_bert_attention(module: nn.Module) -> bool:
     return (
         type(module).__name__.endswith(("SelfAttention", "CrossAttention"))
@@ -35,7 +44,7 @@ def _is_bert_attention(module: nn.Module) -> bool:
 def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
     if _is_bert_attention(module) and "." in path:
         owner = _parent(model, path)  # BertAttention: .self and .output
-        out = linear(getattr(owner, "output", None), "dense")
+        out = linear(getattr(owner, "output", None), "dense" + _branch(path))
         if out is None:
             return []
         cross = "CrossAttention" in type(module).__name__ or "crossattention" in path.split(".")
