@@ -1,5 +1,6 @@
 """Bad inputs get one clear error, before anything is changed or written."""
 
+import hashlib
 import json
 
 import pytest
@@ -117,6 +118,9 @@ def test_weights_that_do_not_fit_the_plan(checkpoint, tmp_path):
     key = next(k for k in state if k.endswith("fc1.weight"))
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
     save_file(state, str(broken / "model.safetensors"))
+    meta = json.loads((broken / "upop_model.json").read_text())  # a consistent hash: reach the shape check
+    meta["weights_sha256"] = hashlib.sha256((broken / "model.safetensors").read_bytes()).hexdigest()
+    (broken / "upop_model.json").write_text(json.dumps(meta))
     with pytest.raises(upop.CheckpointError, match=f"{key}.*shape"):
         upop.from_pretrained(broken)
 

@@ -16,6 +16,12 @@ from torch.utils.hooks import RemovableHandle
 from .structures import Structure
 
 
+def is_masked(model: nn.Module) -> bool:
+    """True while a search's masks (forward hooks) are attached to `model`."""
+    return any(getattr(hook, "upop_mask", False)
+               for m in model.modules() for hook in m._forward_hooks.values())
+
+
 class TokenStats:
     """Mean tokens per sample seen by a structure's query side and key/value side."""
 
@@ -65,6 +71,7 @@ class MaskSet:
                 rows = rows.repeat(3)
             return output * rows.to(dtype=output.dtype, device=output.device)
 
+        hook.upop_mask = True  # how `is_masked` recognises a model under search
         return hook
 
     def remove(self) -> None:

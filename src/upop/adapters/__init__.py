@@ -34,11 +34,19 @@ class UnsupportedModelError(ValueError):
     """The model holds no attention or MLP structure that an adapter knows."""
 
 
+def make_sliceable(model: nn.Module) -> nn.Module:
+    """Swap, in place, the modules that cannot run at a smaller width for equivalent ones of the
+    same outputs (open_clip's nn.MultiheadAttention); returns `model`. discover() calls it."""
+    for adapter in ADAPTERS:
+        if hasattr(adapter, "make_sliceable"):
+            adapter.make_sliceable(model)
+    return model
+
+
 def discover(model: nn.Module) -> list[Structure]:
-    """All prunable structures of `model`, in module order. Raises UnsupportedModelError."""
-    for adapter in ADAPTERS:  # some families need an equivalent module swapped in first
-        if hasattr(adapter, "prepare"):
-            adapter.prepare(model)
+    """All prunable structures of `model`, in module order, after `make_sliceable(model)` (the
+    structures must own Linears that compression can slice). Raises UnsupportedModelError."""
+    make_sliceable(model)
     found: list[Structure] = []
     for path, module in model.named_modules():
         for adapter in ADAPTERS:

@@ -10,6 +10,8 @@ MLP: the block's `mlp` Sequential `c_fc` -> activation -> `c_proj`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,7 +86,7 @@ def _is_block(module: nn.Module) -> bool:
     return type(module).__name__ == "ResidualAttentionBlock" and type(module).__module__.startswith("open_clip")
 
 
-def prepare(model: nn.Module) -> None:
+def make_sliceable(model: nn.Module) -> None:
     """Swap every open_clip block's nn.MultiheadAttention for its prunable equivalent."""
     for module in list(model.modules()):
         if _is_block(module) and isinstance(module.attn, nn.MultiheadAttention):
@@ -110,3 +112,69 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
     if isinstance(getattr(mlp, "c_fc", None), nn.Linear) and isinstance(getattr(mlp, "c_proj", None), nn.Linear):
         found.append(mlp_structure(f"{path}.mlp", mlp.c_fc, mlp.c_proj, FAMILY, "text"))
     return found
+
+
+# ---- describing a model for reload ----------------------------------------------------------------
+#: What a build description of an open_clip model may hold: `open_clip.CLIP` arguments and the
+#: transformer-tower fields of its vision / text configs. Fields that load weights or name a hub,
+#: a timm or HF model, a tokenizer or a file (timm_*, hf_*, tokenizer_*) are absent on purpose.
+BUILD_KWARGS = frozenset({"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale",
+                          "init_logit_bias", "nonscalar_logit_scale", "output_dict"})
+_BLOCK_FIELDS = {"ls_init_value", "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads",
+                 "scale_attn_inner", "scale_attn", "scale_fc", "final_ln_after_pool", "pool_type",
+                 "output_tokens", "layers", "width", "mlp_ratio"}
+CFG_KEYS = {
+    "vision_cfg": frozenset(_BLOCK_FIELDS | {"head_width", "patch_size", "image_size", "patch_dropout",
+                                             "attentional_pool", "attn_pooler_queries", "attn_pooler_heads",
+                                             "no_ln_pre", "pos_embed_type"}),
+    "text_cfg": frozenset(_BLOCK_FIELDS | {"context_length", "vocab_size", "heads", "embed_cls", "pad_id",
+                                           "eos_id", "no_causal_mask", "proj_bias", "proj_type"}),
+}
+#: Image preprocessing settings `open_clip.create_model` attaches to the model (not computation).
+PREPROCESS_KEYS = frozenset({"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"})
+#: `open_clip.create_model(name, ...)` options allowed beside a registered name (older folders).
+CREATE_KWARGS = frozenset({"force_quick_gelu", "force_patch_dropout", "force_image_size",
+                           "force_context_length", "output_dict"})
+
+
+def _tower(blocks: nn.Module, prefix: str, base: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+    from .timm_vit import ratio
+
+    first = blocks[0]
+    width = first.mlp.c_fc.in_features
+    heads = base.get(f"{prefix}.0.attn", (first.attn.num_heads, 0, 0))[0]
+    hidden = base.get(f"{prefix}.0.mlp", (0, 0, first.mlp.c_fc.out_features))[2]
+    return {"layers": len(blocks), "width": width, "heads": heads, "mlp_ratio": ratio(hidden, width),
+            "ls_init_value": None if isinstance(first.ls_1, nn.Identity) else 1.0}
+
+
+def describe(model: nn.Module, base: dict[str, tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """The `open_clip.CLIP(...)` arguments of an open_clip CLIP with transformer towers, read
+    from its modules (`base`: widths before pruning). [] for other models."""
+    visual = getattr(model, "visual", None)
+    if type(model).__name__ != "CLIP" or not type(model).__module__.startswith("open_clip") \
+            or type(visual).__name__ != "VisionTransformer" or not len(model.transformer.resblocks):
+        return []
+    from open_clip.transformer import QuickGELU
+
+    vision = _tower(visual.transformer.resblocks, "visual.transformer.resblocks", base)
+    vision["head_width"] = vision["width"] // vision.pop("heads")
+    vision.update(patch_size=list(visual.patch_size), image_size=list(visual.image_size),
+                  patch_dropout=float(getattr(visual.patch_dropout, "prob", 0.0)),
+                  no_ln_pre=isinstance(visual.ln_pre, nn.Identity), pool_type=visual.pool_type,
+                  final_ln_after_pool=bool(visual.final_ln_after_pool), output_tokens=bool(visual.output_tokens))
+    text = _tower(model.transformer.resblocks, "transformer.resblocks", base)
+    proj = model.text_projection
+    text.update(context_length=model.context_length, vocab_size=model.vocab_size, pool_type=model.text_pool_type,
+                eos_id=model.text_eos_id, no_causal_mask=model.attn_mask is None,
+                proj_type="none" if proj is None else "linear", proj_bias=isinstance(proj, nn.Linear))
+    kwargs = {"embed_dim": visual.output_dim, "vision_cfg": vision, "text_cfg": text,
+              "quick_gelu": isinstance(visual.transformer.resblocks[0].mlp.gelu, QuickGELU),
+              "nonscalar_logit_scale": model.logit_scale.dim() > 0,
+              "init_logit_bias": None if model.logit_bias is None else 0.0,
+              "output_dict": bool(model.output_dict)}
+    desc: dict[str, Any] = {"name": "CLIP", "kwargs": kwargs}
+    preprocess = getattr(visual, "preprocess_cfg", None)
+    if isinstance(preprocess, dict):
+        desc["preprocess_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}
+    return [desc]
