@@ -66,7 +66,12 @@ def test_intercepts_are_not_removable_and_slope_is_the_unit_cost():
         slope, intercept = lm.table(s.name).line()
         assert costs[s.name] == pytest.approx(slope) and intercept == pytest.approx(0.25)
     widths = {s.name: 1 for s in structures}
-    assert lm.report(widths)["overhead_ms"] == pytest.approx(0.25 * len(structures))
+    report = lm.report(widths)
+    assert report["overhead_ms"] == pytest.approx(0.25 * len(structures))
+    assert report["width_dependent"] == pytest.approx(1 - report["overhead_ms"] / lm.prunable_ms())
+    assert report["removed_measured"] < report["removed_linear"]  # overhead is not removable
+    again = L.LatencyModel.from_dict(json.loads(json.dumps(lm.to_dict())))
+    assert again.unit_costs() == costs and again.prunable_ms(widths) == lm.prunable_ms(widths)
     with pytest.raises(L.LatencyError, match="fixed part"):
         lm.predict(widths)
 

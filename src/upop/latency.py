@@ -489,8 +489,9 @@ class LatencyModel:
 
         removed_linear: fraction of the width-dependent latency removed under the linear unit
         costs (what the search cut at `target`); removed_measured: fraction of the prunable
-        part's measured latency removed, read off the tables; measured_ms: the compressed
-        model's own measurement, if the caller has it."""
+        part's measured latency removed, read off the tables (the two agree where the tables are
+        lines through 0; per-call overhead makes removed_measured smaller); measured_ms: the
+        compressed model's own measurement, if the caller has it."""
         costs = self.unit_costs()
         total_linear = sum(costs[n] * self.units(n) for n in self.members)
         removed_linear = sum(costs[n] * (self.units(n) - widths.get(n, self.units(n))) for n in self.members)
@@ -503,6 +504,9 @@ class LatencyModel:
             "removed_measured": 1.0 - kept / full if full else 0.0,
             "prunable_ms": full, "prunable_ms_kept": kept,
             "overhead_ms": sum(self.table(n).line()[1] for n in self.members),
+            # the share of the prunable latency that widths control: removed_measured can reach
+            # about this much at most (small structures are overhead-bound)
+            "width_dependent": min(1.0, total_linear / full) if full else 0.0,
             "model_ms": self.model_ms, "fixed_ms": self.fixed_ms, "fixed_clamped": self.fixed_clamped,
         }
         if self.fixed_ms is not None:
@@ -520,6 +524,16 @@ class LatencyModel:
                 "settings": self.settings, "tables": {k: t.to_dict() for k, t in self.tables.items()},
                 "members": self.members, "channels": self.channels, "model_ms": self.model_ms,
                 "fixed_ms": self.fixed_ms, "fixed_clamped": self.fixed_clamped}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyModel:
+        """The inverse of to_dict (e.g. rank 0's model broadcast to every rank as JSON)."""
+        if data.get("format") != CACHE_FORMAT:
+            raise LatencyError(f"not a upop latency model (format {data.get('format')!r})")
+        return cls(tables={k: Table.from_dict(v) for k, v in data["tables"].items()}, members=dict(data["members"]),
+                   channels=dict(data.get("channels", {})), granularity=data["granularity"],
+                   settings=dict(data.get("settings", {})), model_ms=data.get("model_ms"),
+                   fixed_ms=data.get("fixed_ms"), fixed_clamped=bool(data.get("fixed_clamped", False)))
 
 
 def plan_widths(plan: Any) -> dict[str, int]:
