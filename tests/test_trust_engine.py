@@ -9,9 +9,12 @@ import pickle
 import shutil
 
 import pytest
+import torch
 import transformers as tf
 
 import upop
+from families import FAMILY_BY_NAME
+from helpers import run_search
 
 TIMM_TINY = dict(img_size=16, patch_size=4, depth=1, embed_dim=16, num_heads=2, num_classes=3)
 
@@ -183,3 +186,86 @@ def test_version_1_folders_without_hash_still_load(vit_folder, tmp_path):
     wrong = _edit_meta(vit_folder, tmp_path / "v1bad", lambda m: m.update(version=1, weights_sha256="0" * 64))
     with pytest.raises(upop.CheckpointError, match="SHA-256"):  # a declared hash must match
         upop.from_pretrained(wrong)
+
+
+# ---- misuse is refused at the call ---------------------------------------------------------------------
+def _masked_vit():
+    fam = FAMILY_BY_NAME["vit"]
+    return fam, *run_search(fam, upop.UPopConfig(target=0.5, total_steps=4, interval=2))
+
+
+def test_save_with_masks_attached_is_refused(tmp_path):
+    _, model, _, _, search = _masked_vit()
+    with pytest.raises(upop.CheckpointError, match=r"masks attached.*compress\(\)") as info:
+        upop.save_pretrained(model, tmp_path / "m")
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+    search.remove()  # the dense model may be saved once the masks are gone
+    upop.save_pretrained(model, tmp_path / "m")
+
+
+def test_second_search_and_apply_plan_on_a_masked_model_are_refused():
+    _, model, _, _, search = _masked_vit()
+    with pytest.raises(RuntimeError, match="already has a UPop search attached"):
+        upop.UPopSearch(model, upop.UPopConfig(total_steps=2, interval=1))
+    with pytest.raises(upop.PlanError, match="search attached"):
+        upop.apply_plan(model, search.plan())
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0, -1.0, "2"])
+def test_step_refuses_a_bad_grad_scale(scale):
+    fam = FAMILY_BY_NAME["vit"]
+    model = fam.build()
+    search = upop.UPopSearch(model, upop.UPopConfig(total_steps=4, interval=2))
+    fam.probe(model(**fam.inputs(torch.Generator().manual_seed(0)))).sum().backward()
+    with pytest.raises(ValueError, match="grad_scale"):
+        search.step(grad_scale=scale)
+    assert search.step_count == 0  # nothing was accumulated
+    search.step(grad_scale=1024.0)
+
+
+def test_config_is_frozen_once_a_search_starts():
+    config = upop.UPopConfig(target=0.5, total_steps=4, interval=2)
+    config.target = 0.4  # before any search: an ordinary dataclass
+    search = upop.UPopSearch(FAMILY_BY_NAME["vit"].build(), config)
+    for field, value in (("target", 0.9), ("total_steps", 100)):
+        with pytest.raises(AttributeError, match=f"frozen.*{field}"):
+            setattr(config, field, value)
+    assert (config.target, search.config.total_steps) == (0.4, 4)
+
+
+def test_compressing_twice_composes_onto_the_base_model(tmp_path):
+    fam = FAMILY_BY_NAME["vit"]
+    inputs = fam.inputs(torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    base = fam.build().eval()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model, _, _, first = run_search(fam, upop.UPopConfig(target=0.3, total_steps=4, interval=2))
+    first.compress()
+    second = upop.UPopSearch(model, upop.UPopConfig(target=0.3, total_steps=4, interval=2))
+    for _ in range(4):
+        fam.probe(model(**inputs)).pow(2).mean().backward()
+        second.step()
+    plan = second.plan()
+    second.compress()
+    for name, sp in plan.structures.items():  # indices refer to the base model
+        assert sp.total == first.plan().structures[name].total
+        assert set(sp.kept) <= set(first.plan().structures[name].kept)
+    assert any(len(sp.kept) < len(first.plan().structures[n].kept) for n, sp in plan.structures.items())
+    with torch.no_grad():
+        expected = fam.probe(model(**inputs))
+    upop.save_pretrained(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(fam.probe(upop.from_pretrained(tmp_path / "m")(**inputs)), expected)
+    fresh = fam.build().eval()
+    fresh.load_state_dict(base_state)
+    upop.apply_plan(fresh, plan)
+    with torch.no_grad():
+        assert (fam.probe(fresh(**inputs)) - expected).abs().max() <= 1e-5
+
+
+def test_a_second_search_with_another_attention_unit_is_refused():
+    model, _, _, first = run_search(FAMILY_BY_NAME["vit"], upop.UPopConfig(target=0.5, total_steps=2, interval=1))
+    first.compress()
+    with pytest.raises(upop.PlanError, match="granularity='head_dim'") as info:
+        upop.UPopSearch(model, upop.UPopConfig(total_steps=2, interval=1, granularity="head"))
+    assert "\n" not in str(info.value)

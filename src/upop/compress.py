@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .adapters import discover
+from .masks import is_masked
 from .plan import PlanError, PruningPlan
 from .structures import Structure
 
@@ -74,10 +75,15 @@ def _q_scale_vector(scale: float | None, rows_per_part: int, parts: int) -> torc
     return vector
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: PruningPlan, structures: list[Structure] | None = None) -> nn.Module:
     """Slice `model` in place as `plan` says. The plan is checked against the model first:
-    on a mismatch a PlanError is raised and the model is left untouched."""
-    structures = discover(model)
+    on a mismatch a PlanError is raised and the model is left untouched.
+
+    structures: the model's structures if the caller already found them (a search does)."""
+    if is_masked(model):
+        raise PlanError("this model has a UPop search attached: compress it with search.compress(), "
+                        "or call search.remove() before apply_plan")
+    structures = structures if structures is not None else discover(model)
     plan.check_fits(structures)
     by_name = {s.name: s for s in structures}
     for name, sp in plan.structures.items():

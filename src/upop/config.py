@@ -50,6 +50,18 @@ class UPopConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A running search ranks with these settings: changing them mid-search would silently
+        # mix two configurations, so a config is frozen once a search starts.
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"UPopConfig is frozen: a search already uses it (cannot set {name!r}); "
+                                 f"make a new one with dataclasses.replace(config, {name}=...)")
+        super().__setattr__(name, value)
+
+    def freeze(self) -> None:
+        """Refuse every later change (called when a search starts with this config)."""
+        object.__setattr__(self, "_frozen", True)
+
     def validate(self) -> None:
         def bad(msg: str) -> None:
             raise ValueError(f"UPopConfig: {msg}")

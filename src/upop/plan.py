@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_text
 from .structures import KINDS, Structure
 
 PLAN_VERSION = 1
@@ -61,10 +62,7 @@ class PruningPlan:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)  # never leaves a half-written plan under the real name
+        write_text(path, self.to_json())  # never leaves a half-written plan under the real name
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningPlan:
@@ -121,6 +119,43 @@ class PruningPlan:
     def kept_widths(self) -> dict[str, tuple[int, int]]:
         """name -> (kept, total) units."""
         return {n: (len(sp.kept), sp.total) for n, sp in self.structures.items()}
+
+
+def _prunes(sp: StructurePlan) -> bool:
+    return len(sp.kept) < sp.total
+
+
+def check_composable(base: PruningPlan, granularity: str) -> None:
+    """Refuse a second search whose attention unit differs from the one that already pruned
+    a structure: one plan entry holds one unit, so head_dim after head (or the reverse) has
+    no plan that rebuilds it from the base model."""
+    for name, sp in base.structures.items():
+        if sp.unit in ("head_dim", "head") and sp.unit != granularity and _prunes(sp):
+            raise PlanError(f"{name} was already pruned by {sp.unit}; search this compressed model again "
+                            f"with granularity={sp.unit!r}, not {granularity!r}")
+
+
+def compose(base: PruningPlan, plan: PruningPlan) -> PruningPlan:
+    """`plan` (made on the model `base` produced) expressed on `base`'s own base model: kept
+    indices map through base's kept indices, shapes are base's original ones."""
+    entries = {}
+    for name, sp in plan.structures.items():
+        b = base.structures.get(name)
+        if b is None or not _prunes(b):  # nothing pruned before: `plan` is already absolute
+            entries[name] = sp
+        elif not _prunes(sp):
+            entries[name] = b
+        elif b.unit != sp.unit or len(b.kept) != sp.total:
+            raise PlanError(f"{name}: a {sp.unit} plan over {sp.total} units cannot follow the earlier "
+                            f"{b.unit} plan that kept {len(b.kept)}")
+        else:
+            entries[name] = StructurePlan(kind=b.kind, unit=b.unit, total=b.total,
+                                          kept=[b.kept[i] for i in sp.kept], num_heads=b.num_heads,
+                                          head_dim=b.head_dim, hidden=b.hidden)
+    for name, b in base.structures.items():
+        entries.setdefault(name, b)
+    stats = {**plan.stats, "composed_with": base.stats}
+    return PruningPlan(structures=entries, model_class=plan.model_class or base.model_class, stats=stats)
 
 
 def _structure_plan(entry: Any, bad) -> StructurePlan:

@@ -11,6 +11,7 @@ exactly binary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from torch import nn
 from .adapters import discover
 from .compress import apply_plan
 from .config import UPopConfig
-from .masks import MaskSet
-from .plan import PruningPlan, StructurePlan
+from .masks import MaskSet, is_masked
+from .plan import PruningPlan, StructurePlan, check_composable, compose
 from .structures import Structure
 
 
@@ -151,9 +152,18 @@ class UPopSearch:
     def __init__(self, model: nn.Module, config: UPopConfig, structures: list[Structure] | None = None) -> None:
         if not isinstance(config, UPopConfig):
             raise TypeError(f"config must be a upop.UPopConfig, got {type(config).__name__}")
+        if is_masked(model):
+            raise RuntimeError("this model already has a UPop search attached; call remove() or compress() "
+                               "on that search before starting another")
         config.validate()
+        base = getattr(model, "upop_plan", None)
+        self.base_plan = base if isinstance(base, PruningPlan) else None
+        if self.base_plan is not None:
+            check_composable(self.base_plan, config.granularity)
+        config.freeze()  # the caller's object: changing it mid-search raises
+        self.config = dataclasses.replace(config)  # the search's own copy, frozen too
+        self.config.freeze()
         self.model = model
-        self.config = config
         self.structures = structures if structures is not None else discover(model)
         for s in self.structures:
             s.check_granularity(config.granularity)
@@ -170,6 +180,7 @@ class UPopSearch:
         self.current_ratio = 0.0
         self._selected: dict[str, torch.Tensor] = {}
         self._compressed = False
+        self._final_plan: PruningPlan | None = None
 
     # ---- the loop --------------------------------------------------------------------------
     @property
@@ -192,6 +203,10 @@ class UPopSearch:
         by it. A step whose mask gradients are not finite adds nothing to the scores, nor does
         one the caller marks `skip=True` (its loss was not finite); the schedule still advances.
         """
+        if grad_scale is not None and (isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float))
+                                       or not math.isfinite(grad_scale) or grad_scale <= 0):
+            raise ValueError(f"step(grad_scale=...) must be a finite number > 0 (the AMP loss scale), "
+                             f"got {grad_scale!r}")
         if self.finished:
             raise RuntimeError(
                 f"the search already ran its {self.config.total_steps} steps; call plan()/compress()"
@@ -280,7 +295,18 @@ class UPopSearch:
         return {n: m.detach().clone() for n, m in self.masks.values.items()}
 
     def plan(self) -> PruningPlan:
-        """The kept units of every structure (requires a finished search: binary masks)."""
+        """The kept units of every structure (requires a finished search: binary masks).
+
+        On a model that was already compressed, the kept indices refer to the base model (this
+        search's choice composed onto the earlier plan), so `apply_plan` on a fresh base model
+        and `from_pretrained` rebuild the twice-compressed model."""
+        if self._compressed:  # the structures now have their sliced shapes: the plan made then
+            return self._final_plan
+        plan = self._relative_plan()
+        return compose(self.base_plan, plan) if self.base_plan is not None else plan
+
+    def _relative_plan(self) -> PruningPlan:
+        """The kept units of the model as it is now (what compress() slices)."""
         if not self.finished:
             raise RuntimeError(
                 f"the search has run {self.step_count} of {self.config.total_steps} steps; "
@@ -318,9 +344,11 @@ class UPopSearch:
         """Remove the masks and slice the model in place; returns the same model object."""
         if self._compressed:
             raise RuntimeError("this search has already compressed its model")
-        plan = self.plan()
+        relative = self._relative_plan()
         self.remove()
-        apply_plan(self.model, plan)
+        apply_plan(self.model, relative, structures=self.structures)
+        self._final_plan = compose(self.base_plan, relative) if self.base_plan is not None else relative
+        self.model.upop_plan = self._final_plan
         self._compressed = True
         return self.model
 
