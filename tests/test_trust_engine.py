@@ -269,3 +269,29 @@ def test_a_second_search_with_another_attention_unit_is_refused():
     with pytest.raises(upop.PlanError, match="granularity='head_dim'") as info:
         upop.UPopSearch(model, upop.UPopConfig(total_steps=2, interval=1, granularity="head"))
     assert "\n" not in str(info.value)
+
+
+# ---- a non-finite model is never saved -------------------------------------------------------------------
+def test_a_model_with_nan_is_not_saved_and_the_folder_is_unchanged(vit_folder, tmp_path):
+    from upop.files import NonFiniteWeightsError
+
+    folder = tmp_path / "best"
+    shutil.copytree(vit_folder, folder)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    model = upop.from_pretrained(vit_folder)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("fc1.weight"))[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"retrain: best model: not saved, tensor '.*fc1\.weight'"):
+        upop.save_pretrained(model, folder, what="retrain: best model")
+    with pytest.raises(NonFiniteWeightsError, match="^save_pretrained: not saved"):
+        upop.save_pretrained(model, tmp_path / "new")
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no staging folder left behind
+
+
+def test_plan_save_is_atomic(vit_folder, tmp_path):
+    plan = upop.PruningPlan.load(vit_folder / "upop_plan.json")
+    plan.save(tmp_path / "plan.json")
+    plan.save(tmp_path / "plan.json")  # over an existing file
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    assert upop.PruningPlan.load(tmp_path / "plan.json").to_dict() == plan.to_dict()
