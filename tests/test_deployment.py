@@ -36,7 +36,9 @@ def test_export_cli_with_dynamic_batch(tmp_path, capsys):
     upop.save_pretrained(model, tmp_path / "m")
     assert cli.main(["export", "--model", str(tmp_path / "m"), "--dynamic-batch"]) == 0
     out = capsys.readouterr().out
-    assert "max |onnx - torch|" in out and (tmp_path / "m" / "model.onnx").is_file()
+    # written next to the model folder, never inside it
+    assert "max |onnx - torch|" in out and (tmp_path / "m.onnx").is_file()
+    assert not (tmp_path / "m" / "model.onnx").exists()
     assert cli.main(["export", "--model", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
 
