@@ -23,12 +23,11 @@ from upop.data import (
     find_fashion_mnist,
     load_fashion_mnist,
     pre_caption,
-    recall_at_k,
-    top_k_accuracy,
 )
 from upop.data import fashion_mnist as fm
 from upop.data._cache import MARKER
-from upop.data.karpathy import _ranks
+from upop.metrics import recall_at_k, top_k_accuracy
+from upop.metrics.retrieval import _ranks
 
 
 def _png(path: Path, color=(200, 30, 30), size=(8, 6)) -> Path:

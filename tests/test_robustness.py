@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, default_collate
 
 import upop
 from upop.checkpoint import CheckpointError
-from upop.data import DataError, DropNone, ImageFolderDataset, KarpathyEval, KarpathyTrain, drop_none, recall_at_k
+from upop.data import DataError, DropNone, ImageFolderDataset, KarpathyEval, KarpathyTrain, drop_none
+from upop.metrics import recall_at_k
 from upop.plan import PlanError
 from upop.runconfig import ConfigError, load_run_config
 

@@ -16,11 +16,12 @@ from PIL import Image, ImageDraw
 
 import upop
 from upop import pipeline
-from upop.data import DataError, recall_at_k
+from upop.data import DataError
+from upop.metrics import recall_at_k
 from upop.models.blip import blip_config, blip_tokenizer
 from upop.runconfig import load_run_config
 from upop.tasks import make_task
-from upop.tasks.blip_retrieval import (
+from upop.tasks.blip_itm import (
     OTHER_SCORE,
     encoder_ids,
     image_embeddings,
@@ -74,7 +75,8 @@ def _config(root: Path, out: Path, model: dict | None = None, **files) -> dict:
         "upop": {"target": 0.5, "interval": 2},
         "train": {"batch_size": 6, "eval_batch_size": 5, "dense_epochs": 1, "search_epochs": 2,
                   "retrain_epochs": 1, "max_steps_per_epoch": 2, "dense_lr": 1e-3},
-        "eval": {"latency_batches": [1, 2], "latency_repeats": 1, "k_test": 3},
+        "eval": {"latency_batches": [1, 2], "latency_repeats": 1},
+        "retrieval": {"k_test": 3},
     }
 
 
@@ -250,10 +252,10 @@ def test_evaluation_reranks_with_itm(karpathy, tmp_path):
         sim = image_feat @ text_features(model, tokens["input_ids"], tokens["attention_mask"]).t()
     itc_only = recall_at_k(sim, ds.img2txt, ds.txt2img)
     cpu = torch.device("cpu")
-    cfg.eval.k_test = 1
+    task.options.k_test = 1
     top1 = task.evaluate(model, "test", cpu)
     assert top1["txt_r1"] == pytest.approx(itc_only["txt_r1"]) and top1["img_r1"] == pytest.approx(itc_only["img_r1"])
-    cfg.eval.k_test = 1000
+    task.options.k_test = 1000
     with torch.no_grad():
         model.itm_head.weight.zero_()
         model.itm_head.bias.zero_()

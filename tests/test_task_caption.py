@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 import upop
 from upop import cli, pipeline
 from upop.data import DataError
-from upop.data import caption_metrics as cm
+from upop.metrics import caption as cm
 from upop.runconfig import load_run_config
 from upop.tasks import make_task
 
@@ -61,8 +61,8 @@ def _config(root: Path, out: Path, **overrides) -> dict:
         "upop": {"target": 0.5, "interval": 2},
         "train": {"batch_size": 6, "eval_batch_size": 8, "dense_epochs": 1, "search_epochs": 2,
                   "retrain_epochs": 1, "max_steps_per_epoch": 2, "dense_lr": 1e-3},
-        "eval": {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 2, "latency_batches": [1, 2],
-                 "latency_repeats": 1},
+        "eval": {"latency_batches": [1, 2], "latency_repeats": 1},
+        "caption": {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 2},
     }
     for key, value in overrides.items():
         config[key] = {**config[key], **value}

@@ -14,13 +14,13 @@ import upop
 from families import Family
 from helpers import run_search
 from upop import cli
-from upop.architectures import ARCHITECTURES
-from upop.architectures.nlvr import BlipForNLVR
 from upop.data import DataError, NLVR2Dataset, build_openmoji_nlvr, read_nlvr2
 from upop.data.openmoji_nlvr import emoji_info
-from upop.models import build_model
+from upop.models import ARCHITECTURES
 from upop.models.blip import blip_config, blip_tokenizer
+from upop.models.nlvr import BlipForNLVR
 from upop.runconfig import ModelConfig
+from upop.tasks.nlvr import NLVRTask
 
 COLORS = ["red", "green", "blue", "orange"]
 
@@ -213,7 +213,7 @@ def test_loads_from_a_blip_checkpoint_folder(tmp_path):
     source = tf.BlipForImageTextRetrieval(config)
     source.save_pretrained(tmp_path / "blip")
     tok.save_pretrained(tmp_path / "blip")
-    built = build_model(ModelConfig(name=str(tmp_path / "blip")), "nlvr", 32)
+    built = NLVRTask.load_model(ModelConfig(name=str(tmp_path / "blip")), 32)
     model = built.model
     assert type(model) is BlipForNLVR and built.image_size == 32
     assert built.tokenizer.enc_token_id == tok.enc_token_id
@@ -227,7 +227,7 @@ def test_loads_from_a_blip_checkpoint_folder(tmp_path):
     retrieval.save_pretrained(tmp_path / "bert")
     tok.save_pretrained(tmp_path / "bert")
     with pytest.raises(upop.runconfig.ConfigError, match="needs a BLIP checkpoint"):
-        build_model(ModelConfig(name=str(tmp_path / "bert")), "nlvr", 32)
+        NLVRTask.load_model(ModelConfig(name=str(tmp_path / "bert")), 32)
 
 
 # ---- OpenMoji-derived statements -----------------------------------------------------------------

@@ -14,12 +14,13 @@ import upop
 from families import Family
 from helpers import run_search
 from upop import cli, pipeline
-from upop.architectures import ARCHITECTURES
-from upop.architectures.segmenter import SegmenterConfig, SegmenterForSemanticSegmentation
 from upop.data import ADE20KDataset, DataError, build_openmoji, build_openmoji_seg, load_annotation
+from upop.metrics import confusion_matrix, segmentation_metrics
+from upop.models import ARCHITECTURES
+from upop.models.segmenter import SegmenterConfig, SegmenterForSemanticSegmentation
 from upop.runconfig import load_run_config
 from upop.tasks import make_task
-from upop.tasks.segmentation import TrainTransform, confusion_matrix, predict, segmentation_metrics, slide
+from upop.tasks.segmentation import SegmentationTask, TrainTransform, predict, slide
 
 # ---- the model -------------------------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ def test_segmentation_compress_then_evaluate(ade, tmp_path, capsys):
     # the saved model gives the same numbers again, single-scale; multi-scale runs too
     result = pipeline.run_evaluate(load_run_config(config), out / "model")
     assert result["metrics"] == metrics["compressed"]["metrics"]
-    multi = pipeline.run_evaluate(load_run_config(config, ["eval.multiscale=true"]), out / "model")
+    multi = pipeline.run_evaluate(load_run_config(config, ["segmentation.multiscale=true"]), out / "model")
     assert 0 <= multi["metric"] <= 100 and multi["metrics"] != result["metrics"]
     assert cli.main(["evaluate", "--model", str(out / "model"), "--config", str(config)]) == 0
     assert "miou" in capsys.readouterr().out
@@ -303,13 +304,12 @@ def test_segmentation_config_errors(ade, tmp_path):
 def test_segmenter_from_a_vit_checkpoint(tmp_path):
     import transformers as tf
 
-    from upop.models import build_model
     from upop.runconfig import ModelConfig
 
     vit = tf.ViTForImageClassification(tf.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=37, num_labels=3))
     vit.save_pretrained(tmp_path / "vit")
-    built = build_model(ModelConfig(name=str(tmp_path / "vit")), "segmentation", 16, num_labels=5)
+    built = SegmentationTask.load_model(ModelConfig(name=str(tmp_path / "vit")), 16, num_labels=5)
     model = built.model
     assert isinstance(model, SegmenterForSemanticSegmentation) and model.config.num_labels == 5
     assert model.config.decoder_num_layers == 2 and model.config.decoder_hidden_size == 32

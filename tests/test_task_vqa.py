@@ -15,7 +15,8 @@ import upop
 from upop import cli, pipeline
 from upop.data import DataError
 from upop.data.openmoji_vqa import annotations_file, build_openmoji_vqa, questions_file
-from upop.data.vqav2 import VQAv2Dataset, answer_weights, image_pattern, normalize_answer, split_files, vqa_accuracy
+from upop.data.vqav2 import VQAv2Dataset, answer_weights, image_pattern, split_files
+from upop.metrics import normalize_answer, vqa_accuracy
 from upop.runconfig import load_run_config
 from upop.tasks.vqa import VQATask
 
@@ -79,7 +80,8 @@ def _config(root: Path, out: Path, **train) -> dict:
         "upop": {"target": 0.5, "interval": 2},
         "train": {"batch_size": 8, "eval_batch_size": 8, "dense_epochs": 1, "search_epochs": 2,
                   "retrain_epochs": 1, "max_steps_per_epoch": 3, "dense_lr": 1e-3, **train},
-        "eval": {"latency_batches": [1], "latency_repeats": 1, "k_answers": 4},
+        "eval": {"latency_batches": [1], "latency_repeats": 1},
+        "vqa": {"k_answers": 4},
     }
 
 

@@ -1,13 +1,18 @@
 """The run configuration of `upop compress` / `upop evaluate`: YAML -> validated dataclasses.
 
 Every key is checked: an unknown key, a wrong type or a value out of range stops the run with
-one line naming the key, before any model is built or data is read.
+one line naming the key, before any model is built or data is read. The shared sections (model,
+data, upop, train, eval) are here; each task's own section (YAML key = the task's name, e.g.
+`caption:`) is the `Options` dataclass of its task module, found in the task registry, and lands
+in `RunConfig.task_options`. The known tasks and data formats come from their registries
+(`upop.tasks.TASKS`, `upop.data.formats.FORMATS`), never from a list kept here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import reprlib
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .config import UPopConfig
+from .data._common import BAD_INPUT_MODES
 
 
 class ConfigError(ValueError):
@@ -33,16 +39,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # openmoji (each task's OpenMoji-derived data) | karpathy | imagefolder | fashion_mnist | vqav2 | nlvr2 | ade20k
-    format: str = "openmoji"
+    format: str = "openmoji"  # a name of upop.data.formats.FORMATS; each task says which it reads
     root: str | None = None  # image root (karpathy), dataset root (imagefolder), cache (openmoji)
     train: str | None = None  # karpathy annotation files, or imagefolder split folders
     val: str | None = None
     test: str | None = None
     image_size: int = 64
     max_tokens: int = 24
-    prompt: str = "a picture of "  # caption: the decoder prompt, excluded from the loss (BLIP)
-    answer_list: str | None = None  # vqa: JSON list of candidate answers (default: the training answers)
     limit_train: int | None = None  # use only the first N training examples (quick runs, tests)
     limit_eval: int | None = None
     num_workers: int = 0
@@ -78,12 +81,24 @@ class EvalConfig:
     latency_batches: list[int] = field(default_factory=lambda: [1, 32])
     latency_repeats: int = 10
     skip_latency: bool = False
-    k_test: int = 128  # BLIP retrieval: ITC top-k candidates re-ranked by ITM (paper: 256 COCO, 128 Flickr)
-    num_beams: int = 3  # caption: beam search (paper: 3 beams, length 5..20)
-    max_new_tokens: int = 20
-    min_new_tokens: int = 5
-    k_answers: int = 128  # vqa: answers ranked by first-token probability, re-ranked by likelihood
-    multiscale: bool = False  # segmentation: scales 0.5..1.75 plus flip instead of single-scale
+
+
+def _upop_section() -> type:
+    """UPopSection: UPopConfig's fields except total_steps (derived from the data), same types and
+    defaults; built from the dataclass so that no default is written twice."""
+    hints = get_type_hints(UPopConfig)
+    specs = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(UPopConfig)
+             if f.name != "total_steps"]
+    return dataclasses.make_dataclass("UPopSection", specs, namespace={
+        "__doc__": "The run config's `upop:` section: UPopConfig's fields except total_steps.",
+        "__module__": __name__,
+        # mapping-style reads, for callers written when this section was a dict
+        "get": lambda self, key, default=None: getattr(self, key, default),
+        "items": lambda self: dataclasses.asdict(self).items(),
+    })
+
+
+UPopSection = _upop_section()
 
 
 @dataclass
@@ -93,20 +108,52 @@ class RunConfig:
     output_dir: str = "runs/upop"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    upop: dict[str, Any] = field(default_factory=dict)  # UPopConfig fields except total_steps
+    upop: UPopSection = field(default_factory=UPopSection)  # UPopConfig's fields except total_steps
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the task's own section (YAML key: the task's name), an instance of its task's `Options`
+    task_options: Any = None
 
     def upop_config(self, total_steps: int) -> UPopConfig:
-        return UPopConfig.from_dict({**self.upop, "total_steps": max(1, total_steps)})
+        return UPopConfig(**dataclasses.asdict(self.upop), total_steps=max(1, total_steps))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As the YAML reads: the task's section under the task's name."""
+        out = dataclasses.asdict(self)
+        options = out.pop("task_options")
+        if options:
+            out[self.task] = options
+        return out
 
 
-TASKS = ("retrieval", "classification", "caption", "vqa", "nlvr", "segmentation")
-FORMATS = ("openmoji", "karpathy", "imagefolder", "fashion_mnist", "vqav2", "nlvr2", "ade20k")
-BAD_INPUT_MODES = ("stop", "skip")
+# keys that moved to their task's section: one line tells where
+MOVED = {
+    "eval.k_test": "retrieval.k_test",
+    "eval.num_beams": "caption.num_beams",
+    "eval.max_new_tokens": "caption.max_new_tokens",
+    "eval.min_new_tokens": "caption.min_new_tokens",
+    "data.prompt": "caption.prompt",
+    "eval.k_answers": "vqa.k_answers",
+    "data.answer_list": "vqa.answer_list",
+    "eval.multiscale": "segmentation.multiscale",
+}
+MAX_IMAGE_SIZE = 8192
+MAX_GRAD_ACCUM = 4096
+MAX_LATENCY_BATCH = 65536
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+
+
+def _tasks() -> Any:
+    """The task registry (imported here, not at the top: the task modules import this one)."""
+    from .tasks import TASKS
+
+    return TASKS
+
+
+def _formats() -> Any:
+    from .data.formats import FORMATS
+
+    return FORMATS
 
 # values quoted in error messages are shortened: a YAML alias bomb would otherwise make repr() run forever
 _REPR = reprlib.Repr()
@@ -125,10 +172,25 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - {"task_options"}
     values = {}
+    if cls is RunConfig:
+        task = data.get("task", RunConfig.task)
+        tasks = _tasks()
+        task_cls = tasks.get(task) if isinstance(task, str) else None
+        if task_cls is not None:
+            values["task_options"] = _build(task_cls.Options, data.get(task) or {}, task)
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in MOVED:
+            raise ConfigError(f"{path} moved to {MOVED[path]}")
+        if path == "upop.total_steps":
+            raise ConfigError("upop.total_steps is derived from train.search_epochs and the data; remove it")
+        if cls is RunConfig and key in _tasks():
+            if key != data.get("task", RunConfig.task):
+                raise ConfigError(f"config section '{key}' belongs to task {key}; the task is "
+                                  f"{_short(data.get('task', RunConfig.task))}")
+            continue  # built above
         if key not in known:
             raise ConfigError(f"config key '{path}' does not exist (known: {', '.join(sorted(known))})")
         hint = hints[key]
@@ -182,55 +244,79 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
+    """Every check that needs no data and no model; the task checks the rest (its data files, the
+    model's label count and position table) before any training starts."""
     def bad(msg: str) -> None:
         raise ConfigError(msg)
 
-    if cfg.task not in TASKS:
-        bad(f"task must be one of {TASKS}, got {_short(cfg.task)}")
-    if cfg.data.format not in FORMATS:
-        bad(f"data.format must be one of {FORMATS}, got {_short(cfg.data.format)}")
+    tasks, formats = _tasks(), _formats()
+    if cfg.task not in tasks:
+        bad(f"task must be one of {', '.join(tasks.names())}, got {_short(cfg.task)}")
+    if cfg.data.format not in formats:
+        bad(f"data.format must be one of {', '.join(formats.names())}, got {_short(cfg.data.format)}")
     if (cfg.model.preset is None) == (cfg.model.name is None):
         bad("give exactly one of model.preset and model.name")
+    if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
+        bad("model.num_labels must be >= 1")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        bad(f"seed must be in [0, 2**63 - 1] (torch.manual_seed's range), got {_short(cfg.seed)}")
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        bad(f"output_dir {cfg.output_dir!r} is an existing file, not a folder")
     t = cfg.train
     for key in ("batch_size", "eval_batch_size", "grad_accum"):
         if getattr(t, key) < 1:
             bad(f"train.{key} must be >= 1")
+    if t.grad_accum > MAX_GRAD_ACCUM:
+        bad(f"train.grad_accum must be <= {MAX_GRAD_ACCUM}, got {t.grad_accum}")
     for key in ("dense_epochs", "search_epochs", "retrain_epochs"):
         if getattr(t, key) < 0:
             bad(f"train.{key} must be >= 0")
     if t.search_epochs < 1:
         bad("train.search_epochs must be >= 1 (the search needs steps)")
     for key in ("dense_lr", "search_lr", "lr"):
-        if not getattr(t, key) > 0:
-            bad(f"train.{key} must be > 0")
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value > 0):
+            bad(f"train.{key} must be a finite number > 0, got {_short(value)}")
+    for key in ("min_lr", "weight_decay"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value >= 0):
+            bad(f"train.{key} must be a finite number >= 0, got {_short(value)}")
     for prefix, factor in t.lr_multipliers.items():
         if not isinstance(prefix, str):
             bad(f"train.lr_multipliers keys must be parameter-name prefixes (strings), got {_short(prefix)}")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            bad(f"train.lr_multipliers.{prefix} must be a number > 0, got {_short(factor)}")
+        if (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor)
+                or not factor > 0):
+            bad(f"train.lr_multipliers.{prefix} must be a finite number > 0, got {_short(factor)}")
     if t.warmup_steps < 0:
         bad("train.warmup_steps must be >= 0")
-    if not 0 <= t.label_smoothing < 1:
-        bad("train.label_smoothing must be in [0, 1)")
+    if not 0 <= t.label_smoothing < 1:  # NaN fails too
+        bad(f"train.label_smoothing must be in [0, 1), got {_short(t.label_smoothing)}")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         bad(f"train.mixed_precision must be no, fp16 or bf16, got {_short(t.mixed_precision)}")
-    if cfg.data.image_size < 8 or cfg.data.max_tokens < 4:
-        bad("data.image_size must be >= 8 and data.max_tokens >= 4")
+    if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 0:
+        bad("train.max_steps_per_epoch must be >= 0")
+    d = cfg.data
+    if not 8 <= d.image_size <= MAX_IMAGE_SIZE:
+        bad(f"data.image_size must be in [8, {MAX_IMAGE_SIZE}], got {d.image_size}")
+    if d.max_tokens < 4:
+        bad("data.max_tokens must be >= 4")
+    for key in ("limit_train", "limit_eval", "num_workers"):
+        value = getattr(d, key)
+        if value is not None and value < 0:
+            bad(f"data.{key} must be >= 0")
+    if d.on_bad_input not in BAD_INPUT_MODES:
+        bad(f"data.on_bad_input must be {' or '.join(BAD_INPUT_MODES)}, got {_short(d.on_bad_input)}")
     e = cfg.eval
-    for key in ("k_test", "num_beams", "max_new_tokens", "k_answers"):
-        if getattr(e, key) < 1:
-            bad(f"eval.{key} must be >= 1")
-    if not 0 <= e.min_new_tokens <= e.max_new_tokens:
-        bad("eval.min_new_tokens must be in [0, eval.max_new_tokens]")
-    if cfg.data.on_bad_input not in BAD_INPUT_MODES:
-        bad(f"data.on_bad_input must be stop or skip, got {_short(cfg.data.on_bad_input)}")
-    if "total_steps" in cfg.upop:
-        bad("upop.total_steps is derived from train.search_epochs and the data; remove it")
-    for key, value in cfg.upop.items():  # every UPopConfig field is a scalar
-        if not isinstance(key, str):
-            bad(f"config key 'upop.{_short(key)}' does not exist (keys are strings)")
-        if not isinstance(value, (bool, int, float, str)):
-            bad(f"config key 'upop.{key}' must be a number, a string or true/false, got {_short(value)}")
+    for b in e.latency_batches:
+        if not 1 <= b <= MAX_LATENCY_BATCH:
+            bad(f"eval.latency_batches entries must be in [1, {MAX_LATENCY_BATCH}], got {b}")
+    if e.latency_repeats < 1:
+        bad("eval.latency_repeats must be >= 1")
+    if cfg.task_options is not None:
+        check = getattr(cfg.task_options, "validate", None)
+        if check is not None:
+            check()  # the task section's own ranges, named `<task>.<key>`
     try:
         cfg.upop_config(total_steps=1)
     except (ValueError, TypeError, OverflowError) as exc:

@@ -36,6 +36,7 @@ from ._common import (
     one_line,
     require_dir,
 )
+from .formats import add_format
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150
@@ -152,3 +153,6 @@ def _check_pairs(pairs: list[tuple[Path, Path]], num_labels: int) -> dict[int, s
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(pairs)))) as pool:
         results = list(pool.map(check, pairs))
     return {i: r for i, r in enumerate(results) if r is not None}
+
+
+add_format("ade20k", ("root",), "ADEChallengeData2016 folder")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._common import DataError, one_line
+from .formats import add_format
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -131,3 +132,6 @@ class FashionMNIST(Dataset):
 
         image = Image.fromarray(self.images[i].numpy()).convert("RGB")
         return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+add_format("fashion_mnist", (), "Fashion-MNIST idx files (Debian package or data.root)")

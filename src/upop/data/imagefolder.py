@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from ._common import DataError, check_mode, load_image_or_none, log_skipped, require_dir, undecodable
+from .formats import add_format
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 
@@ -83,18 +83,4 @@ def _find_images(folder: Path, exts: tuple[str, ...]) -> list[Path]:
     return found
 
 
-def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy in percent for each k, keyed "top{k}"; k is clipped to the number of classes."""
-    logits, labels = torch.as_tensor(logits).detach().cpu(), torch.as_tensor(labels).detach().cpu().long()
-    if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    n, n_classes = logits.shape
-    if n == 0:
-        raise ValueError("top_k_accuracy needs at least one example")
-    if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"labels must lie in 0..{n_classes - 1}")
-    if any(k < 1 for k in ks):
-        raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
-    top = logits.topk(min(max(ks), n_classes), dim=1).indices
-    hit = top == labels[:, None]
-    return {f"top{k}": 100.0 * hit[:, : min(k, n_classes)].any(dim=1).float().mean().item() for k in ks}
+add_format("imagefolder", ("train", "test"), "one folder per class (data.val optional)")

@@ -32,6 +32,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ._common import DataError, check_mode, is_file, load_image_or_none, log_skipped, one_line
+from .formats import add_format
 
 _IDENTIFIER = re.compile(r"^(?P<pair>(?P<split>[A-Za-z0-9_]+)-\d+-\d+)-\d+$")
 LABELS = {"true": 1, "false": 0}
@@ -183,3 +184,6 @@ class NLVR2Dataset(Dataset):
         for ex in self.examples:
             counts[ex.label] += 1
         return counts
+
+
+add_format("nlvr2", ("root", "train", "val", "test"), "official NLVR2 JSON-lines files")

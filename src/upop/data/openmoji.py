@@ -18,6 +18,7 @@ from typing import Any
 
 from ._cache import cached_build, write_json
 from ._common import DataError, one_line
+from .formats import add_format
 from .karpathy import pre_caption
 
 FORMAT_VERSION = 1  # bump when the output layout or rendering changes
@@ -234,3 +235,6 @@ def _progress(items: list[str], enabled: bool):
     except ImportError:  # tqdm is optional: build silently without it
         return items
     return tqdm(items, desc="rendering OpenMoji", unit="emoji", disable=not enabled)
+
+
+add_format("openmoji", (), "OpenMoji-derived data of each task, built on first use (data.root: the cache)")

@@ -1,11 +1,18 @@
-"""Models for the pipeline: small named presets built from a config, or Hugging Face models
-by name or local folder (downloaded only when the run config allows it).
+"""The model classes this project builds and the named presets, in one package.
 
-Presets live with their family (dual.py, vit.py, blip.py, ...); `PRESETS` gathers them.
+- presets: small named models built from a config, one module per family (dual.py, vit.py,
+  blip.py, nlvr.py, segmenter.py), each registering them in `PRESETS`;
+- project-built classes (`BlipForNLVR` in nlvr.py, `SegmenterForSemanticSegmentation` in
+  segmenter.py), registered in `ARCHITECTURES` so that `upop.from_pretrained` rebuilds them by
+  class name;
+- `build_model`: a preset, or a Hugging Face model by name or local folder (downloaded only when
+  the run config allows it). Which class a hub checkpoint loads into is the task's knowledge: the
+  task passes its own loader (`Task.load_hub_model`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,63 +20,54 @@ import transformers as tf
 from torch import nn
 
 from ..runconfig import ConfigError, ModelConfig
-from . import blip, dual, vit
-from . import nlvr as nlvr_presets
-from . import segmenter as segmenter_presets
-from ._common import CLIP_MEAN, CLIP_STD, BuiltModel, Preset, minilm_path, minilm_tokenizer, vit_config
+from . import blip, dual, nlvr, segmenter, vit  # noqa: F401  (each registers its presets / classes)
+from ._common import (
+    ARCHITECTURES,
+    CLIP_MEAN,
+    CLIP_STD,
+    PRESETS,
+    BuiltModel,
+    Preset,
+    minilm_path,
+    minilm_tokenizer,
+    register_architecture,
+    vit_config,
+)
 
-PRESETS: dict[str, Preset] = {**dual.PRESETS, **vit.PRESETS, **blip.PRESETS, **nlvr_presets.PRESETS,
-                             **segmenter_presets.PRESETS}
+# (hub config, source, num_labels, **from_pretrained kwargs) -> (model, tokenizer or None)
+HubLoader = Callable[..., tuple[nn.Module, Any]]
 
 
-def build_model(cfg: ModelConfig, task: str, image_size: int, num_labels: int | None = None) -> BuiltModel:
-    """Build the run's model; raises ConfigError for an unknown preset or a missing folder."""
+def build_model(cfg: ModelConfig, task: str, image_size: int, num_labels: int | None = None,
+                load_hub: HubLoader | None = None) -> BuiltModel:
+    """Build the run's model; raises ConfigError for an unknown preset, a preset of another task,
+    a missing folder, or a hub model for a task without a loader."""
     if cfg.preset is not None:
-        if cfg.preset not in PRESETS:
-            raise ConfigError(f"model.preset {cfg.preset!r} is unknown; presets: {', '.join(PRESETS)}")
-        preset_task, build, _ = PRESETS[cfg.preset]
-        if preset_task != task:
-            raise ConfigError(f"model.preset {cfg.preset!r} is a {preset_task} model, the task is {task}")
-        return build(image_size, num_labels or cfg.num_labels)
-    return _from_name(cfg, task, num_labels or cfg.num_labels)
+        preset = PRESETS[cfg.preset]
+        if preset.task != task:
+            raise ConfigError(f"model.preset {cfg.preset!r} is a {preset.task} model, the task is {task}")
+        return preset.build(image_size, num_labels or cfg.num_labels)
+    if load_hub is None:
+        raise ConfigError(f"task {task} has no loader for hub models; use a model.preset")
+    return _from_name(cfg, load_hub, num_labels or cfg.num_labels)
 
 
-def _hub_model(task: str, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """The model class each task loads from a hub name or folder, and its tokenizer."""
-    model_type = getattr(config, "model_type", "")
-    if task == "retrieval" and model_type == "blip":  # BLIP retrieval: ITC + ITM heads
-        return tf.BlipForImageTextRetrieval.from_pretrained(source, **kwargs), _tokenizer(source, **kwargs)
-    if task == "nlvr":  # project-built model: BLIP's vision_model + text_encoder, fresh head
-        if model_type != "blip":
-            raise ConfigError(f"task nlvr needs a BLIP checkpoint, {source!r} is a {model_type or 'unknown'} model")
-        return nlvr_presets.from_blip_checkpoint(source, **kwargs), _tokenizer(source, **kwargs)
-    if task in blip.BLIP_CLASSES and task != "retrieval":
-        if model_type != "blip":
-            raise ConfigError(f"task {task} needs a BLIP checkpoint, {source!r} is a {model_type or 'unknown'} model")
-        return blip.BLIP_CLASSES[task].from_pretrained(source, **kwargs), _tokenizer(source, **kwargs)
-    if task == "retrieval":
-        return tf.AutoModel.from_pretrained(source, **kwargs), _tokenizer(source, **kwargs)
-    if task == "segmentation":  # project-built Segmenter: a ViT checkpoint as encoder, new decoder
-        if model_type != "vit":
-            raise ConfigError(f"task segmentation needs a ViT checkpoint, {source!r} is a "
-                              f"{model_type or 'unknown'} model")
-        if not num_labels:
-            raise ConfigError("task segmentation from a ViT checkpoint needs the number of classes")
-        return segmenter_presets.from_vit(source, num_labels, **kwargs), None
-    if task == "classification":
-        extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-        return tf.AutoModelForImageClassification.from_pretrained(source, **kwargs, **extra), None
-    raise ConfigError(f"task {task} has no loader for hub models; use a model.preset")
-
-
-def _tokenizer(source: str, **kwargs: Any) -> Any:
+def hub_tokenizer(source: str, **kwargs: Any) -> Any:
+    """The tokenizer saved with a hub model; BLIP's gets its [ENC] id as `enc_token_id`."""
     tok = tf.AutoTokenizer.from_pretrained(source, **kwargs)
     if tok.convert_tokens_to_ids("[ENC]") not in (None, tok.unk_token_id):  # BLIP's tokenizer
         tok.enc_token_id = tok.convert_tokens_to_ids("[ENC]")
     return tok
 
 
-def _from_name(cfg: ModelConfig, task: str, num_labels: int | None) -> BuiltModel:
+def require_model_type(task: str, config: Any, source: str, model_type: str, what: str) -> None:
+    """One-line ConfigError when a hub checkpoint is not of the family a task loads from."""
+    found = getattr(config, "model_type", "")
+    if found != model_type:
+        raise ConfigError(f"task {task} needs a {what} checkpoint, {source!r} is a {found or 'unknown'} model")
+
+
+def _from_name(cfg: ModelConfig, load_hub: HubLoader, num_labels: int | None) -> BuiltModel:
     name = cfg.name
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or not cfg.allow_download):
@@ -80,7 +78,7 @@ def _from_name(cfg: ModelConfig, task: str, num_labels: int | None) -> BuiltMode
     source = str(local) if local.exists() else name
     try:
         config = tf.AutoConfig.from_pretrained(source, **kwargs)
-        model, tokenizer = _hub_model(task, config, source, num_labels, **kwargs)
+        model, tokenizer = load_hub(config, source, num_labels, **kwargs)
     except OSError as exc:
         raise ConfigError(f"model.name {name!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
     vision = getattr(config, "vision_config", config)
@@ -94,5 +92,6 @@ def _from_name(cfg: ModelConfig, task: str, num_labels: int | None) -> BuiltMode
     return BuiltModel(model, tokenizer, image_size, mean, std)
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "PRESETS", "BuiltModel", "build_model", "minilm_path", "minilm_tokenizer",
+__all__ = ["ARCHITECTURES", "CLIP_MEAN", "CLIP_STD", "PRESETS", "BuiltModel", "HubLoader", "Preset", "build_model",
+           "hub_tokenizer", "minilm_path", "minilm_tokenizer", "register_architecture", "require_model_type",
            "vit_config"]

@@ -1,14 +1,20 @@
-"""What every preset module shares: the built-model record, image statistics, the offline tokenizer."""
+"""What every model module shares: the built-model record, image statistics, the offline tokenizer,
+and the two registries of this package: `PRESETS` (named models built from a config) and
+`ARCHITECTURES` (the model classes this project builds, rebuilt by class name by
+`upop.from_pretrained`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import transformers as tf
 from torch import nn
+from transformers import PreTrainedModel
 
+from ..registry import Registry
 from ..runconfig import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,5 +50,23 @@ def vit_config(image_size: int, patch: int, width: int, depth: int, heads: int, 
                         num_attention_heads=heads, intermediate_size=4 * width, **kw)
 
 
-# A preset: (task, build(image_size, num_labels) -> BuiltModel, one-line description)
-Preset = tuple[str, Any, str]
+class Preset(NamedTuple):
+    task: str  # the task the model is built for
+    build: Callable[[int, int | None], BuiltModel]  # (image_size, num_labels) -> BuiltModel
+    description: str  # one line, for listings
+
+
+PRESETS: Registry[Preset] = Registry("model.preset", error=ConfigError)
+ARCHITECTURES: Registry[type[PreTrainedModel]] = Registry("architecture")
+
+
+def add_presets(entries: dict[str, tuple[str, Callable[[int, int | None], BuiltModel], str]]) -> None:
+    """Register a family's presets: name -> (task, build, description)."""
+    for name, entry in entries.items():
+        PRESETS.add(name, Preset(*entry))
+
+
+def register_architecture(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """Class decorator: make a project-built model class loadable by `upop.from_pretrained`
+    (looked up by class name, as transformers' own classes are)."""
+    return ARCHITECTURES.add(cls.__name__, cls)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import transformers as tf
 
-from ._common import BuiltModel, Preset, minilm_path, minilm_tokenizer
+from ._common import BuiltModel, add_presets, minilm_path, minilm_tokenizer
 
 BLIP_CLASSES = {
     "retrieval": tf.BlipForImageTextRetrieval,
@@ -86,7 +86,7 @@ def _minilm_blip_retrieval(image_size: int, num_labels: int | None) -> BuiltMode
     return BuiltModel(model, tok, image_size)
 
 
-PRESETS: dict[str, Preset] = {
+add_presets({
     "tiny-blip-retrieval": ("retrieval", _blip("retrieval", (8, 32, 2, 4), (32, 2, 4), 16),
                             "2-layer random BLIP, ITC + ITM heads (tests)"),
     "demo-blip-retrieval": ("retrieval", _blip("retrieval", (8, 128, 4, 4), (128, 4, 4), 128),
@@ -101,4 +101,4 @@ PRESETS: dict[str, Preset] = {
                       "2-layer random BLIP with question encoder and answer decoder (tests)"),
     "demo-blip-vqa": ("vqa", _blip("vqa", (8, 128, 4, 4), (128, 3, 4), 64),
                       "random BLIP VQA: ViT 4x128 (patch 8), question encoder + answer decoder 3x128 (OpenMoji demo)"),
-}
+})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import transformers as tf
 from torch import nn
 
-from ._common import BuiltModel, Preset, minilm_path, minilm_tokenizer, vit_config
+from ._common import BuiltModel, add_presets, minilm_path, minilm_tokenizer, vit_config
 
 
 def _dual(vision: tf.ViTConfig, text_model: nn.Module, projection_dim: int) -> nn.Module:
@@ -38,8 +38,8 @@ def _tiny_clip(image_size: int, num_labels: int | None) -> BuiltModel:
                       tok, image_size)
 
 
-PRESETS: dict[str, Preset] = {
+add_presets({
     "demo-dual": ("retrieval", _demo_dual, "pretrained all-MiniLM-L6-v2 text tower + 6-layer ViT (192 wide)"),
     "tiny-dual": ("retrieval", _tiny_dual, "2-layer random BERT + 2-layer ViT (tests)"),
     "tiny-clip": ("retrieval", _tiny_clip, "2-layer random CLIPModel (tests)"),
-}
+})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import transformers as tf
 
 from ..runconfig import ConfigError
-from ._common import BuiltModel, Preset, vit_config
+from ._common import BuiltModel, add_presets, vit_config
 
 
 def _classifier(width: int, depth: int, heads: int, patch: int, deit: bool = False):
@@ -21,8 +21,8 @@ def _classifier(width: int, depth: int, heads: int, patch: int, deit: bool = Fal
     return build
 
 
-PRESETS: dict[str, Preset] = {
+add_presets({
     "demo-vit": ("classification", _classifier(192, 6, 3, 4), "6-layer ViT, 192 wide, patch 4"),
     "tiny-vit": ("classification", _classifier(32, 2, 4, 8), "2-layer ViT (tests)"),
     "tiny-deit": ("classification", _classifier(32, 2, 4, 8, deit=True), "2-layer DeiT (tests)"),
-}
+})

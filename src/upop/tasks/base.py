@@ -1,19 +1,31 @@
-"""The interface every task implements."""
+"""A task is one registered unit: a `Task` subclass declaring its name, the data formats it reads,
+its own config section (`Options`, YAML key = the name) and which class a hub checkpoint loads
+into (`load_hub_model`), registered with `@register_task`. The base class owns what every task
+repeats: building the model and checking it fits the task and the data, split limits, the image
+transforms, `evaluating(model)` (eval mode restored however evaluation ends), and
+`loss_in_forward` (a loss made of several sub-module calls, run inside DistributedDataParallel's
+forward).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
 from ..data import DataError, KarpathyEval, KarpathyTrain, build_openmoji
-from ..models import BuiltModel
-from ..runconfig import DataConfig, RunConfig
+from ..data.formats import FORMATS
+from ..models import BuiltModel, build_model
+from ..registry import Registry
+from ..runconfig import ConfigError, DataConfig, RunConfig
 
 DEFAULT_OPENMOJI_CACHE = Path("~/.cache/upop/openmoji").expanduser()
 
@@ -25,41 +37,102 @@ def openmoji_source(data: DataConfig) -> Path:
     return build_openmoji(root, image_size=max(data.image_size, 64))
 
 
-def karpathy_splits(data: DataConfig, task: str) -> tuple[KarpathyTrain, dict[str, KarpathyEval]]:
-    """Train / val / test of `format: openmoji` or `format: karpathy`, every file parsed and checked."""
+def karpathy_splits(data: DataConfig) -> tuple[KarpathyTrain, dict[str, KarpathyEval]]:
+    """Train / val / test of `format: openmoji` or `format: karpathy` (checked by the task before),
+    every file parsed and checked."""
     if data.format == "openmoji":
         image_root = openmoji_source(data)
         files = {s: image_root / f"{s}.json" for s in ("train", "val", "test")}
-    elif data.format == "karpathy":
-        missing = [k for k in ("root", "train", "val", "test") if getattr(data, k) is None]
-        if missing:
-            raise DataError(f"data.format karpathy needs data.{', data.'.join(missing)}")
+    else:
         files = {s: Path(getattr(data, s)).expanduser() for s in ("train", "val", "test")}
         image_root = Path(data.root).expanduser()
-    else:
-        raise DataError(f"task {task} reads data.format openmoji or karpathy, not {data.format}")
     bad = data.on_bad_input
     train = KarpathyTrain(files["train"], image_root, on_bad_input=bad)
     return train, {s: KarpathyEval(files[s], image_root, on_bad_input=bad) for s in ("val", "test")}
 
 
-class Task:
-    """name: task name; metric: the key of evaluate()'s result that selects checkpoints."""
+@dataclass
+class NoOptions:
+    """The section of a task that has no settings of its own."""
 
-    name = "task"
-    metric = ""
+
+class Task:
+    """name: the task's name (its registry key and its config section); metric: the key of
+    evaluate()'s result that selects checkpoints; formats: the data.format names it reads."""
+
+    name: ClassVar[str] = "task"
+    metric: ClassVar[str] = ""
+    formats: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
+    num_labels: int | None = None  # classes the model predicts, where the data decides them
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.built: BuiltModel  # set by subclasses
+        self.options = cfg.task_options if cfg.task_options is not None else self.Options()
+        self.built: BuiltModel  # set by build_model()
+        self._check_format()
 
     @property
     def model(self) -> nn.Module:
         return self.built.model
 
+    # ---- the model ------------------------------------------------------------------------------
+    @classmethod
+    def load_hub_model(cls, config: Any, source: str, num_labels: int | None,
+                       **kwargs: Any) -> tuple[nn.Module, Any]:
+        """(model, tokenizer) of a hub name or folder whose config is `config`; the default: none."""
+        raise ConfigError(f"task {cls.name} has no loader for hub models; use a model.preset")
+
+    @classmethod
+    def load_model(cls, model_cfg: Any, image_size: int, num_labels: int | None = None) -> BuiltModel:
+        """A preset of this task, or a hub checkpoint through `load_hub_model`."""
+        return build_model(model_cfg, cls.name, image_size, num_labels, cls.load_hub_model)
+
+    def build_model(self) -> BuiltModel:
+        """Build the run's model (after the data is checked) and check that it fits."""
+        self.built = self.load_model(self.cfg.model, self.cfg.data.image_size, self.num_labels)
+        self.check_model(self.built.model)
+        self._check_max_tokens(self.built.model)
+        return self.built
+
     def build_fresh_model(self) -> nn.Module:
         """A new base model with the same architecture (resuming after compression)."""
-        raise NotImplementedError
+        return self.load_model(self.cfg.model, self.cfg.data.image_size, self.num_labels).model
+
+    def check_model(self, model: nn.Module) -> None:
+        """One-line ConfigError when `model` is not a model of this task (e.g. `upop evaluate` with
+        another task's config) or predicts another number of classes than the data has."""
+        labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if self.num_labels is not None and labels is not None and labels != self.num_labels:
+            raise ConfigError(f"the model predicts {labels} classes, the data has {self.num_labels}")
+
+    def _check_max_tokens(self, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        text = getattr(config, "text_config", config)
+        limit = getattr(text, "max_position_embeddings", None)
+        if self.built.tokenizer is not None and isinstance(limit, int) and self.cfg.data.max_tokens > limit:
+            raise ConfigError(f"data.max_tokens {self.cfg.data.max_tokens} is above the model's "
+                              f"{limit} position embeddings")
+
+    def check_ready(self) -> None:
+        """Checks that need the data and the model, done before any training starts."""
+        t = self.cfg.train
+        if t.grad_accum > 1:
+            batches = len(self.train_dataset()) // t.batch_size
+            if batches and t.grad_accum > batches:
+                raise ConfigError(f"train.grad_accum {t.grad_accum} is above the {batches} batches of an epoch")
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _check_format(self) -> None:
+        data = self.cfg.data
+        if data.format not in self.formats:
+            raise DataError(f"task {self.name} reads data.format {' or '.join(self.formats)}, not {data.format}")
+        FORMATS[data.format].check(data)
+
+    @staticmethod
+    def limited(ds: Dataset, limit: int | None) -> Dataset:
+        """The first `limit` items of `ds` (data.limit_train / limit_eval; None or 0: all)."""
+        return Subset(ds, range(min(limit, len(ds)))) if limit else ds
 
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
@@ -67,6 +140,7 @@ class Task:
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    # ---- training and evaluation ----------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -94,6 +168,51 @@ class Task:
             T.ToTensor(),
             T.Normalize(self.built.mean, self.built.std),
         ])
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block; its train/eval mode is restored however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, or the model itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def loss_in_forward(model: nn.Module, fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`fn(module, batch)`, a loss made of several sub-module calls. Under DistributedDataParallel
+    it must run inside the wrapper's forward (its gradient synchronisation hooks there), so the
+    wrapped module's forward is routed to `fn` for this one call and restored afterwards."""
+    if not isinstance(model, DistributedDataParallel):
+        return fn(model, batch)
+    inner = model.module
+    own = inner.__dict__.get("forward")  # an instance-level forward someone else set
+    inner.forward = lambda **b: fn(inner, b)
+    try:
+        return model(**batch)
+    finally:
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
+
+
+TASKS: Registry[type[Task]] = Registry("task", error=ConfigError)
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a Task subclass a task (its formats must be registered data formats)."""
+    for name in cls.formats:
+        FORMATS[name]  # raises for a format no reader registered
+    return TASKS.add(cls.name, cls)
 
 
 class Mapped(Dataset):

@@ -1,6 +1,7 @@
 """Image captioning with BLIP's image-grounded text decoder (BlipForConditionalGeneration).
 
-Training (the paper's recipe): the text is `prompt + caption` ("a picture of " + caption), its
+Settings: the `caption:` section (`CaptionOptions`: prompt, num_beams, max_new_tokens,
+min_new_tokens). Training (the paper's recipe): the text is `prompt + caption` ("a picture of " + caption), its
 first token [CLS] replaced by [DEC] (BLIP's decoder bos), and the LM loss with label smoothing is
 taken on the caption tokens only: the bos, the prompt tokens and the padding carry label -100.
 Generation feeds the same `[DEC] prompt` prefix (HF's generate() also swaps [CLS] for [DEC] and
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError, KarpathyEval
-from ..data.caption_metrics import caption_scores
-from ..models import build_model
-from ..runconfig import RunConfig
-from .base import Task, karpathy_splits
+from ..metrics import caption_scores
+from ..models import hub_tokenizer, require_model_type
+from ..models.blip import BLIP_CLASSES
+from ..runconfig import ConfigError, RunConfig
+from .base import Task, evaluating, karpathy_splits, register_task
 
 # COCO_val2014_000000391895.jpg -> 391895 (COCO's ids); Flickr30K 1000092795.jpg -> 1000092795
 _NUMERIC_ID = re.compile(r"(?:^|_)(\d+)$")
@@ -43,16 +46,46 @@ def image_id(path: Path) -> int | str:
     return int(match.group(1)) if match else path.stem
 
 
+@dataclass
+class CaptionOptions:
+    """The `caption:` section."""
+
+    prompt: str = "a picture of "  # the decoder prompt, excluded from the loss (BLIP)
+    num_beams: int = 3  # beam search (paper: 3 beams, length 5..20)
+    max_new_tokens: int = 20
+    min_new_tokens: int = 5
+
+    def validate(self) -> None:
+        for key in ("num_beams", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"caption.{key} must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("caption.min_new_tokens must be in [0, caption.max_new_tokens]")
+
+
+@register_task
 class CaptionTask(Task):
     name = "caption"
     metric = "CIDEr"
+    formats = ("openmoji", "karpathy")
+    Options = CaptionOptions
+    options: CaptionOptions
+
+    @classmethod
+    def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+        require_model_type(cls.name, config, source, "blip", "BLIP")
+        return BLIP_CLASSES["caption"].from_pretrained(source, **kwargs), hub_tokenizer(source, **kwargs)
+
+    def check_model(self, model: nn.Module) -> None:
+        if not hasattr(model, "generate") or not hasattr(model, "text_decoder"):
+            raise ConfigError(f"task caption needs a BLIP captioner (text decoder), got {type(model).__name__}")
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         data = cfg.data
         # every annotation file is parsed and checked before the model is built
-        self._train, self._eval = karpathy_splits(data, "caption")
-        self.built = build_model(cfg.model, "caption", data.image_size)
+        self._train, self._eval = karpathy_splits(data)
+        self.build_model()
         tok = self.built.tokenizer
         if tok is None or tok.sep_token_id is None:
             raise DataError("the caption model has no BERT-style tokenizer with a [SEP] token")
@@ -60,21 +93,17 @@ class CaptionTask(Task):
         self.bos_token_id = self.built.model.config.text_config.bos_token_id
         if self.bos_token_id is None:
             raise DataError("the caption model's text_config has no bos_token_id (BLIP's [DEC])")
-        self.prompt = data.prompt
+        self.prompt = self.options.prompt
         # [CLS] + prompt tokens, without the [SEP] the tokenizer appends: BLIP's prompt_length
         self.prompt_ids = tok(self.prompt, return_tensors="pt")["input_ids"][:, :-1]
         self.prompt_length = self.prompt_ids.shape[1]
         if self.prompt_length + 2 > data.max_tokens:
-            raise DataError(f"data.prompt {self.prompt!r} takes {self.prompt_length} tokens: data.max_tokens "
+            raise DataError(f"caption.prompt {self.prompt!r} takes {self.prompt_length} tokens: data.max_tokens "
                             f"{data.max_tokens} leaves no room for a caption")
         self._train.transform = self.train_transform()
         for ds in self._eval.values():
             ds.transform = self.eval_transform()
-        if data.limit_train:
-            self._train = Subset(self._train, range(min(data.limit_train, len(self._train))))
-
-    def build_fresh_model(self) -> nn.Module:
-        return build_model(self.cfg.model, "caption", self.cfg.data.image_size).model
+        self._train = self.limited(self._train, data.limit_train)
 
     def train_dataset(self) -> Dataset:
         return self._train
@@ -109,7 +138,7 @@ class CaptionTask(Task):
     @torch.no_grad()
     def generate(self, model: nn.Module, pixel_values: torch.Tensor) -> list[str]:
         """Beam-search captions of a batch of images, prompt stripped."""
-        e = self.cfg.eval
+        e = self.options
         tok = self.built.tokenizer
         n = pixel_values.shape[0]
         # [CLS] prompt [SEP]: BLIP's generate() swaps [CLS] for [DEC] and drops the last token
@@ -123,16 +152,13 @@ class CaptionTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
         ds = self._eval[split]
-        limit = self.cfg.data.limit_eval
-        n_images = min(limit, len(ds)) if limit else len(ds)
-        was_training = model.training
-        model.eval()
+        subset = self.limited(ds, self.cfg.data.limit_eval)
+        n_images = len(subset)
         predictions: dict[int, str] = {}
-        subset = Subset(ds, range(n_images))
-        for images, index in DataLoader(subset, batch_size=self.cfg.train.eval_batch_size,
-                                        num_workers=self.cfg.data.num_workers):
-            predictions.update(zip(index.tolist(), self.generate(model, images.to(device)), strict=True))
-        model.train(was_training)
+        with evaluating(model):
+            for images, index in DataLoader(subset, batch_size=self.cfg.train.eval_batch_size,
+                                            num_workers=self.cfg.data.num_workers):
+                predictions.update(zip(index.tolist(), self.generate(model, images.to(device)), strict=True))
         references = {i: [ds.texts[t] for t in ds.img2txt[i]] for i in range(n_images)}
         self._write_results(ds, predictions, split, sum(p.numel() for p in model.parameters()))
         return caption_scores(references, predictions)

@@ -7,19 +7,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers as tf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import CLASSES as FASHION_CLASSES
-from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none, top_k_accuracy
-from ..models import build_model
-from ..runconfig import RunConfig
-from .base import ImageOnly, Mapped, Task
+from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none
+from ..metrics import top_k_accuracy
+from ..runconfig import ConfigError, RunConfig
+from .base import ImageOnly, Mapped, Task, evaluating, register_task
 
 
+@register_task
 class ClassificationTask(Task):
     name = "classification"
     metric = "top1"
+    formats = ("imagefolder", "fashion_mnist")
+
+    @classmethod
+    def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+        extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+        return tf.AutoModelForImageClassification.from_pretrained(source, **kwargs, **extra), None
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -27,9 +35,7 @@ class ClassificationTask(Task):
         if data.format == "fashion_mnist":
             splits = {"train": FashionMNIST("train"), "val": None, "test": FashionMNIST("test")}
             classes = list(FASHION_CLASSES)
-        elif data.format == "imagefolder":
-            if data.train is None or data.test is None:
-                raise DataError("data.format imagefolder needs data.train and data.test folders (data.val optional)")
+        else:
             # evaluation splits are decoded up front under "skip", so their indices stay fixed
             splits = {s: ImageFolderDataset(Path(getattr(data, s)).expanduser(), on_bad_input=data.on_bad_input,
                                             check_images=s != "train") if getattr(data, s) else None
@@ -38,8 +44,6 @@ class ClassificationTask(Task):
             for s in ("val", "test"):
                 if splits[s] is not None and splits[s].classes != classes:
                     raise DataError(f"data.{s}: classes {splits[s].classes} differ from data.train's {classes}")
-        else:
-            raise DataError(f"task classification reads data.format imagefolder or fashion_mnist, not {data.format}")
         if splits["val"] is None:  # hold out a fixed 10% of train for checkpoint selection
             n = len(splits["train"])
             order = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
@@ -47,14 +51,16 @@ class ClassificationTask(Task):
             splits["val"] = Subset(splits["train"], order[:held])
             splits["train"] = Subset(splits["train"], order[held:])
         self.classes = classes
-        self.built = build_model(cfg.model, "classification", data.image_size, len(classes))
+        self.num_labels = len(classes)
+        self.build_model()
         self._train_tf, self._eval_tf = self.train_transform(), self.eval_transform()
-        if data.limit_train:
-            splits["train"] = Subset(splits["train"], range(min(data.limit_train, len(splits["train"]))))
+        splits["train"] = self.limited(splits["train"], data.limit_train)
         self.splits = splits
 
-    def build_fresh_model(self) -> nn.Module:
-        return build_model(self.cfg.model, "classification", self.cfg.data.image_size, len(self.classes)).model
+    def check_model(self, model: nn.Module) -> None:
+        if "ImageClassification" not in type(model).__name__:
+            raise ConfigError(f"task classification needs an image classifier, got {type(model).__name__}")
+        super().check_model(model)
 
     def train_dataset(self) -> Dataset:
         return Mapped(self.splits["train"], ImageOnly(self._train_tf))
@@ -69,19 +75,14 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
-        ds = Mapped(self.splits[split], ImageOnly(self._eval_tf))
-        limit = self.cfg.data.limit_eval
-        if limit:
-            ds = Subset(ds, range(min(limit, len(ds))))
-        was_training = model.training
-        model.eval()
+        ds = self.limited(Mapped(self.splits[split], ImageOnly(self._eval_tf)), self.cfg.data.limit_eval)
         logits, labels = [], []
         loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=drop_none(self.collate),
                             num_workers=self.cfg.data.num_workers)
-        for batch in filter(None, loader):  # a validation split held out of train may skip images
-            logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
-            labels.append(batch["labels"])
-        model.train(was_training)
+        with evaluating(model):
+            for batch in filter(None, loader):  # a validation split held out of train may skip images
+                logits.append(model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu())
+                labels.append(batch["labels"])
         return top_k_accuracy(torch.cat(logits), torch.cat(labels), ks=(1, 5))
 
     def example_inputs(self, batch_size: int) -> dict[str, Any]:

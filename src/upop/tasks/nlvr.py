@@ -1,6 +1,6 @@
 """Visual reasoning on NLVR2: two images, one statement, true or false (paper section 5, "NLVR2").
 
-Model: upop.architectures.nlvr.BlipForNLVR (a preset, or a BLIP checkpoint folder with a fresh
+Model: upop.models.nlvr.BlipForNLVR (a preset, or a BLIP checkpoint folder with a fresh
 head). The statement's first token is BLIP's [ENC], as in BLIP's NLVR model. Loss: plain
 cross-entropy on the two logits (the paper's; train.label_smoothing is not used). Metric:
 accuracy in percent on dev (`val`, checkpoint selection) and test.
@@ -18,29 +18,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError, drop_none
 from ..data.nlvr2 import NLVR2Dataset
 from ..data.openmoji_nlvr import SPLITS as OPENMOJI_NLVR_SPLITS
 from ..data.openmoji_nlvr import build_openmoji_nlvr
-from ..models import build_model
-from ..runconfig import RunConfig
-from .base import Task, openmoji_source
+from ..metrics import accuracy
+from ..models import hub_tokenizer, require_model_type
+from ..models.nlvr import BlipForNLVR, from_blip_checkpoint
+from ..runconfig import ConfigError, RunConfig
+from .base import Task, evaluating, openmoji_source, register_task
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """accuracy (%) of argmax(logits) and how often "true" is predicted (%, to spot a collapsed model)."""
-    if len(labels) == 0:
-        raise ValueError("accuracy of an empty evaluation set")
-    predicted = logits.argmax(dim=-1)
-    return {"accuracy": 100.0 * float((predicted == labels).float().mean()),
-            "predicted_true": 100.0 * float(predicted.float().mean())}
-
-
+@register_task
 class NLVRTask(Task):
     name = "nlvr"
     metric = "accuracy"
+    formats = ("openmoji", "nlvr2")
+
+    @classmethod
+    def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+        # project-built model: BLIP's vision_model + text_encoder, fresh head
+        require_model_type(cls.name, config, source, "blip", "BLIP")
+        return from_blip_checkpoint(source, **kwargs), hub_tokenizer(source, **kwargs)
+
+    def check_model(self, model: nn.Module) -> None:
+        if not isinstance(model, BlipForNLVR):
+            raise ConfigError(f"task nlvr needs a BlipForNLVR model, got {type(model).__name__}")
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -50,29 +55,19 @@ class NLVRTask(Task):
             root = build_openmoji_nlvr(source.with_name(source.name + "-nlvr"), source, seed=0)
             files = {s: root / f"{name}.json" for s, name in OPENMOJI_NLVR_SPLITS.items()}
             image_root = root / "images"
-        elif data.format == "nlvr2":
-            missing = [k for k in ("root", "train", "val", "test") if getattr(data, k) is None]
-            if missing:
-                raise DataError(f"data.format nlvr2 needs data.{', data.'.join(missing)}")
+        else:
             files = {s: Path(getattr(data, s)).expanduser() for s in ("train", "val", "test")}
             image_root = Path(data.root).expanduser()
-        else:
-            raise DataError(f"task nlvr reads data.format nlvr2 or openmoji, not {data.format}")
         # every annotation line and image path is checked before the model is built
         self.splits: dict[str, Dataset] = {
             s: NLVR2Dataset(files[s], image_root, on_bad_input=data.on_bad_input) for s in ("train", "val", "test")}
-        self.built = build_model(cfg.model, "nlvr", data.image_size)
+        self.build_model()
         if self.built.tokenizer is None:
             raise DataError("the nlvr model has no tokenizer")
         self.splits["train"].transform = self.train_transform()
         for s in ("val", "test"):
             self.splits[s].transform = self.eval_transform()
-        self._train: Dataset = self.splits["train"]
-        if data.limit_train:
-            self._train = Subset(self._train, range(min(data.limit_train, len(self._train))))
-
-    def build_fresh_model(self) -> nn.Module:
-        return build_model(self.cfg.model, "nlvr", self.cfg.data.image_size).model
+        self._train: Dataset = self.limited(self.splits["train"], data.limit_train)
 
     def train_dataset(self) -> Dataset:
         return self._train
@@ -103,20 +98,15 @@ class NLVRTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
-        ds = self.splits[split]
-        limit = self.cfg.data.limit_eval
-        if limit:
-            ds = Subset(ds, range(min(limit, len(ds))))
-        was_training = model.training
-        model.eval()
+        ds = self.limited(self.splits[split], self.cfg.data.limit_eval)
         logits, labels = [], []
         loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=drop_none(self.collate),
                             num_workers=self.cfg.data.num_workers)
-        for batch in filter(None, loader):  # None: every pair of the batch skipped (on_bad_input skip)
-            labels.append(batch.pop("labels"))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits.append(self._forward(model, batch).float().cpu())
-        model.train(was_training)
+        with evaluating(model):
+            for batch in filter(None, loader):  # None: every pair of the batch skipped (on_bad_input skip)
+                labels.append(batch.pop("labels"))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits.append(self._forward(model, batch).float().cpu())
         if not labels:
             raise DataError(f"nlvr {split}: no example left to evaluate")
         return accuracy(torch.cat(logits), torch.cat(labels))

@@ -1,60 +1,81 @@
 """Semantic segmentation with a Segmenter (the paper's ADE20K task).
 
-Loss: pixel cross-entropy, label 255 ignored. Metrics (percent), over the whole split from one
-confusion matrix, as mmseg's `mean_iou`: per-class IoU = intersection / union, NaN when the class
-is in neither the prediction nor the ground truth; per-class accuracy = intersection / ground-truth
-pixels, NaN when the class has no ground-truth pixel; `miou` and `macc` are the means over the
-classes that are not NaN; `pixel_acc` = correct / labelled pixels. `miou` selects checkpoints.
+Loss: pixel cross-entropy, label 255 ignored. Metrics (percent, upop.metrics.segmentation): mIoU,
+mean accuracy and pixel accuracy over the whole split from one confusion matrix, as mmseg's
+`mean_iou`; `miou` selects checkpoints.
 
 Inference at the original resolution: the image is resized so that its short side is
 data.image_size (aspect kept), windows of image_size x image_size slide over the long side
 (stride = window, the last one flush with the end; overlaps averaged) as Segmenter's
 "sliding window 512/512", and the logits are upsampled bilinearly to the annotation's size.
-eval.multiscale: short sides image_size x (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), each also flipped
+segmentation.multiscale: short sides image_size x (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), each also flipped
 horizontally; the 12 logit maps are averaged at the original size.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..architectures.segmenter import IGNORE_INDEX, segmentation_loss
-from ..data import DataError
 from ..data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from ..data.openmoji_seg import SPLIT_FOLDERS, build_openmoji_seg, class_names
-from ..models import build_model
+from ..metrics.segmentation import IGNORE_INDEX, confusion_matrix, segmentation_metrics
+from ..models import require_model_type
+from ..models.segmenter import SegmenterForSemanticSegmentation, from_vit, segmentation_loss
 from ..runconfig import ConfigError, RunConfig
-from .base import Mapped, Task, openmoji_source
+from .base import Mapped, Task, evaluating, openmoji_source, register_task
 
 MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 SCALE_RANGE = (0.5, 2.0)  # training: random rescaling of the short side, as Segmenter's ratio_range
 
 
+@dataclass
+class SegmentationOptions:
+    """The `segmentation:` section."""
+
+    multiscale: bool = False  # evaluate at scales 0.5..1.75 plus flips instead of single-scale
+
+
+@register_task
 class SegmentationTask(Task):
     name = "segmentation"
     metric = "miou"
+    formats = ("openmoji", "ade20k")
+    Options = SegmentationOptions
+    options: SegmentationOptions
+
+    @classmethod
+    def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+        # project-built Segmenter: a ViT checkpoint as encoder, new decoder
+        require_model_type(cls.name, config, source, "vit", "ViT")
+        if not num_labels:
+            raise ConfigError("task segmentation from a ViT checkpoint needs the number of classes")
+        return from_vit(source, num_labels, **kwargs), None
+
+    def check_model(self, model: nn.Module) -> None:
+        if not isinstance(model, SegmenterForSemanticSegmentation):
+            raise ConfigError(f"task segmentation needs a Segmenter model, got {type(model).__name__}")
+        super().check_model(model)
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         data = cfg.data
         bad = data.on_bad_input
         if data.format == "ade20k":
-            if data.root is None:
-                raise DataError("data.format ade20k needs data.root (the ADEChallengeData2016 folder)")
             root = Path(data.root).expanduser()
             num_labels = cfg.model.num_labels or ADE20K_CLASSES
             self.classes = [str(i) for i in range(num_labels)]
             folders = {"train": "training", "val": "validation", "test": "validation"}  # no public test labels
-        elif data.format == "openmoji":
+        else:
             source = openmoji_source(data)
             root = build_openmoji_seg(source.with_name(source.name + "-seg"), source,
                                       image_size=max(32, data.image_size))
@@ -64,8 +85,6 @@ class SegmentationTask(Task):
                                   f"has {len(self.classes)} classes")
             num_labels = len(self.classes)
             folders = SPLIT_FOLDERS
-        else:
-            raise DataError(f"task segmentation reads data.format ade20k or openmoji, not {data.format}")
         # every folder and pair is checked now; evaluation annotations are decoded too (labels in range)
         self.splits: dict[str, Dataset] = {}
         opened: dict[str, ADE20KDataset] = {}
@@ -74,17 +93,9 @@ class SegmentationTask(Task):
                 opened[folder] = ADE20KDataset(root, folder, num_labels, on_bad_input=bad, check=split != "train")
             self.splits[split] = opened[folder]
         self.num_labels = num_labels
-        self.built = build_model(cfg.model, "segmentation", data.image_size, num_labels)
-        model_labels = getattr(getattr(self.built.model, "config", None), "num_labels", num_labels)
-        if model_labels != num_labels:
-            raise ConfigError(f"the model predicts {model_labels} classes, the data has {num_labels}")
-        train = self.splits["train"]
-        if data.limit_train:
-            train = Subset(train, range(min(data.limit_train, len(train))))
+        self.build_model()
+        train = self.limited(self.splits["train"], data.limit_train)
         self._train = Mapped(train, TrainTransform(data.image_size, self.built.mean, self.built.std))
-
-    def build_fresh_model(self) -> nn.Module:
-        return build_model(self.cfg.model, "segmentation", self.cfg.data.image_size, self.num_labels).model
 
     def train_dataset(self) -> Dataset:
         return self._train
@@ -99,24 +110,20 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
-        ds: Dataset = Mapped(self.splits[split], self._eval_item)
-        if self.cfg.data.limit_eval:
-            ds = Subset(ds, range(min(self.cfg.data.limit_eval, len(ds))))
+        ds = self.limited(Mapped(self.splits[split], self._eval_item), self.cfg.data.limit_eval)
         loader = DataLoader(ds, batch_size=self.cfg.train.eval_batch_size, collate_fn=_keep_lists,
                             num_workers=self.cfg.data.num_workers)
-        scales = MULTISCALE if self.cfg.eval.multiscale else (1.0,)
-        flips = (False, True) if self.cfg.eval.multiscale else (False,)
-        was_training = model.training
-        model.eval()
+        scales = MULTISCALE if self.options.multiscale else (1.0,)
+        flips = (False, True) if self.options.multiscale else (False,)
         confusion = torch.zeros(self.num_labels, self.num_labels, dtype=torch.int64)
-        for images, labels in loader:  # images: normalised (3, H, W) tensors at their original size
-            for group in _same_size(images):
-                x = torch.stack([images[i] for i in group]).to(device)
-                logits = predict(model, x, self.cfg.data.image_size, scales, flips)
-                pred = logits.argmax(1).cpu()
-                for j, i in enumerate(group):
-                    confusion += confusion_matrix(pred[j], labels[i], self.num_labels)
-        model.train(was_training)
+        with evaluating(model):
+            for images, labels in loader:  # images: normalised (3, H, W) tensors at their original size
+                for group in _same_size(images):
+                    x = torch.stack([images[i] for i in group]).to(device)
+                    logits = predict(model, x, self.cfg.data.image_size, scales, flips)
+                    pred = logits.argmax(1).cpu()
+                    for j, i in enumerate(group):
+                        confusion += confusion_matrix(pred[j], labels[i], self.num_labels)
         return segmentation_metrics(confusion)
 
     def _eval_item(self, image: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,32 +216,3 @@ def slide(model: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
 def _starts(length: int, window: int) -> list[int]:
     n = max(1, math.ceil((length - window) / window) + 1)
     return sorted({min(i * window, length - window) for i in range(n)})
-
-
-# ---- metrics -------------------------------------------------------------------------------------
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """(K, K) counts, rows = ground truth, columns = prediction; IGNORE_INDEX pixels left out."""
-    valid = labels != IGNORE_INDEX
-    index = labels[valid].long() * num_labels + pred[valid].long()
-    return torch.bincount(index, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
-
-
-def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """mIoU, mean accuracy and pixel accuracy (percent) of a confusion matrix, as mmseg's mean_iou."""
-    c = confusion.double()
-    intersect, area_label, area_pred = c.diag(), c.sum(1), c.sum(0)
-    union = area_label + area_pred - intersect
-    iou = intersect / union  # 0/0 = NaN: the class is in neither prediction nor ground truth
-    acc = intersect / area_label  # NaN: no ground-truth pixel of the class
-    labelled = float(area_label.sum())
-    return {
-        "miou": 100 * _nanmean(iou),
-        "macc": 100 * _nanmean(acc),
-        "pixel_acc": 100 * float(intersect.sum()) / labelled if labelled else float("nan"),
-    }
-
-
-def _nanmean(values: torch.Tensor) -> float:
-    kept = values[~values.isnan()]
-    return float(kept.mean()) if kept.numel() else float("nan")
-

@@ -6,7 +6,8 @@ label smoothing summed over its tokens, weighted by the fraction of annotators w
 answer, summed and divided by the number of questions. HF's forward has no per-answer weights, so
 the loss is computed here from the model's three submodules.
 
-Inference is the paper's "rank" mode: the top `eval.k_answers` of the answer list by the
+Settings: the `vqa:` section (`VQAOptions`: answer_list, k_answers). Inference is the paper's
+"rank" mode: the top `vqa.k_answers` of the answer list by the
 probability of their first token, re-ranked by the log-likelihood of the whole answer. The metric
 is the VQAv2 accuracy (percent), computed locally; each evaluated split also leaves the result file
 the official server takes, `<output_dir>/vqa_result_<split>.json` ([{"question_id", "answer"}]).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +26,49 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError
 from ..data.openmoji_vqa import IMAGE_PATTERN, annotations_file, build_openmoji_vqa, questions_file
-from ..data.vqav2 import ANSWER_TYPES, VQAv2Dataset, image_pattern, read_answer_list, split_files, vqa_accuracy
-from ..models import build_model
-from ..runconfig import RunConfig
-from .base import Task, openmoji_source
+from ..data.vqav2 import ANSWER_TYPES, VQAv2Dataset, image_pattern, read_answer_list, split_files
+from ..metrics import vqa_accuracy
+from ..models import hub_tokenizer, require_model_type
+from ..models.blip import BLIP_CLASSES
+from ..runconfig import ConfigError, RunConfig
+from .base import Task, evaluating, loss_in_forward, openmoji_source, register_task
 
 _LOGIT_BUDGET = 1 << 24  # vocabulary logits materialised at once while re-ranking (64 MB in fp32)
 
 
+@dataclass
+class VQAOptions:
+    """The `vqa:` section."""
+
+    answer_list: str | None = None  # JSON list of candidate answers (default: the training answers)
+    k_answers: int = 128  # answers ranked by first-token probability, re-ranked by likelihood
+
+    def validate(self) -> None:
+        if self.k_answers < 1:
+            raise ConfigError("vqa.k_answers must be >= 1")
+
+
+@register_task
 class VQATask(Task):
     name = "vqa"
     metric = "accuracy"
+    formats = ("openmoji", "vqav2")
+    Options = VQAOptions
+    options: VQAOptions
+
+    @classmethod
+    def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+        require_model_type(cls.name, config, source, "blip", "BLIP")
+        return BLIP_CLASSES["vqa"].from_pretrained(source, **kwargs), hub_tokenizer(source, **kwargs)
+
+    def check_model(self, model: nn.Module) -> None:
+        if not all(hasattr(model, m) for m in ("vision_model", "text_encoder", "text_decoder")):
+            raise ConfigError(f"task vqa needs a BLIP VQA model (question encoder + answer decoder), "
+                              f"got {type(model).__name__}")
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -50,36 +79,26 @@ class VQATask(Task):
                                       image_size=max(data.image_size, 64))
             files = {s: (questions_file(root, s), annotations_file(root, s)) for s in ("train", "val", "test")}
             pattern = str(root / IMAGE_PATTERN)
-        elif data.format == "vqav2":
-            missing = [k for k in ("root", "train", "val", "test") if getattr(data, k) is None]
-            if missing:
-                raise DataError(f"data.format vqav2 needs data.{', data.'.join(missing)}")
+        else:
             files = {s: split_files(getattr(data, s)) for s in ("train", "val", "test")}
             pattern = image_pattern(data.root)
-        else:
-            raise DataError(f"task vqa reads data.format openmoji or vqav2, not {data.format}")
         bad = data.on_bad_input
         # every file is parsed and checked before the model is built
         self._train = VQAv2Dataset(files["train"][0], pattern, files["train"][1], on_bad_input=bad, train=True)
         self._eval = {s: VQAv2Dataset(files[s][0], pattern, files[s][1], on_bad_input=bad, train=False,
                                       require_answers=s == "val") for s in ("val", "test")}
-        self.answer_list = (read_answer_list(data.answer_list) if data.answer_list
+        self.answer_list = (read_answer_list(self.options.answer_list) if self.options.answer_list
                             else self._train.training_answers())
-        self.built = build_model(cfg.model, "vqa", data.image_size)
+        self.build_model()
         tok = self.built.tokenizer
         if tok is None or getattr(tok, "enc_token_id", None) is None or tok.bos_token_id is None:
             raise DataError("task vqa needs BLIP's tokenizer (with the [ENC] and [DEC] tokens)")
         self._train.transform = self.train_transform()
         for ds in self._eval.values():
             ds.transform = self.eval_transform()
-        self._train_view: Dataset = self._train
-        if data.limit_train:
-            self._train_view = Subset(self._train, range(min(data.limit_train, len(self._train))))
+        self._train_view: Dataset = self.limited(self._train, data.limit_train)
         answers = self._tokens(self.answer_list, tok.bos_token_id)
         self._answer_ids, self._answer_mask = answers["input_ids"], answers["attention_mask"]
-
-    def build_fresh_model(self) -> nn.Module:
-        return build_model(self.cfg.model, "vqa", self.cfg.data.image_size).model
 
     def train_dataset(self) -> Dataset:
         return self._train_view
@@ -136,20 +155,7 @@ class VQATask(Task):
         return (batch["answer_weights"] * per_answer).sum() / batch["pixel_values"].shape[0]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not isinstance(model, DistributedDataParallel):
-            return self._weighted_loss(model, batch)
-        # Under DDP the computation must run inside the wrapper's forward (gradient sync hooks):
-        # route the wrapped module's forward to the weighted loss for this one call.
-        inner = model.module
-        own = inner.__dict__.get("forward")
-        inner.forward = lambda **b: self._weighted_loss(inner, b)
-        try:
-            return model(**batch)
-        finally:
-            if own is None:
-                del inner.forward
-            else:
-                inner.forward = own
+        return loss_in_forward(model, self._weighted_loss, batch)
 
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,20 +192,18 @@ class VQATask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
         ds = self._eval[split]
-        limit = self.cfg.data.limit_eval
-        n = min(limit, len(ds)) if limit else len(ds)
-        was_training = model.training
-        model.eval()
+        subset = self.limited(ds, self.cfg.data.limit_eval)
+        n = len(subset)
         predictions: list[str] = []
         tok = self.built.tokenizer
-        loader = DataLoader(Subset(ds, range(n)), batch_size=self.cfg.train.eval_batch_size,
+        loader = DataLoader(subset, batch_size=self.cfg.train.eval_batch_size,
                             num_workers=self.cfg.data.num_workers, collate_fn=_eval_collate)
-        for images, index in loader:
-            q = self._tokens([ds.items[i].question for i in index.tolist()], tok.enc_token_id)
-            best = self.rank_answers(model, images.to(device), q["input_ids"].to(device),
-                                     q["attention_mask"].to(device), self.cfg.eval.k_answers)
-            predictions += [self.answer_list[j] for j in best.tolist()]
-        model.train(was_training)
+        with evaluating(model):
+            for images, index in loader:
+                q = self._tokens([ds.items[i].question for i in index.tolist()], tok.enc_token_id)
+                best = self.rank_answers(model, images.to(device), q["input_ids"].to(device),
+                                         q["attention_mask"].to(device), self.options.k_answers)
+                predictions += [self.answer_list[j] for j in best.tolist()]
         self._write_results(split, [(ds.items[i].question_id, a) for i, a in enumerate(predictions)])
         if not ds.has_answers:  # a test split without annotations: only the result file counts
             return {"accuracy": math.nan, "questions": float(n)}

@@ -1,4 +1,6 @@
-"""BLIP image-text retrieval (transformers.BlipForImageTextRetrieval): ITC + ITM, paper section 5.
+"""BLIP's image-text matching pieces for the retrieval task (transformers.BlipForImageTextRetrieval):
+the ITC + ITM training loss and the ITM re-ranking of evaluation, paper section 5. Not a task: the
+retrieval task (retrieval.py) uses it for BLIP models; `contrastive_loss` serves both model kinds.
 
 Training loss = ITC + ITM:
 - ITC: L2-normalised projections of the image and text [CLS] states, similarities divided by a
@@ -13,19 +15,17 @@ Training loss = ITC + ITM:
   cross-entropy over the B positives and 2B negatives.
 
 Evaluation: the ITC similarity matrix, then for each image (resp. caption) its top `k_test`
-candidates re-scored with ITM logit[1] + ITC similarity; every other entry is -100.
+candidates re-scored with ITM logit[1] + ITC similarity; every other entry is -100
+(`retrieval.k_test`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import contextmanager
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+from .base import loss_in_forward, unwrap
 
 ITC_TEMPERATURE = 0.07  # fixed: see the module docstring
 OTHER_SCORE = -100.0  # entries outside the top-k_test candidates (BLIP's value)
@@ -35,11 +35,7 @@ def is_blip_retrieval(model: nn.Module) -> bool:
     """True for BlipForImageTextRetrieval, bare or wrapped in DistributedDataParallel."""
     from transformers import BlipForImageTextRetrieval
 
-    return isinstance(_core(model), BlipForImageTextRetrieval)
-
-
-def _core(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return isinstance(unwrap(model), BlipForImageTextRetrieval)
 
 
 def encoder_ids(input_ids: torch.Tensor, enc_token_id: int) -> torch.Tensor:
@@ -74,9 +70,10 @@ def itm_logits(model: nn.Module, enc_input_ids: torch.Tensor, attention_mask: to
     return model.itm_head(states[:, 0, :])
 
 
-def itc_loss(sim: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-    """Mean of the image->text and text->image soft cross-entropies; `sim` (B, B) already divided by
-    the temperature; captions of the same image are all positives."""
+def contrastive_loss(sim: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """ITC: mean of the image->text and text->image soft cross-entropies; `sim` (B images, B
+    captions) already scaled by the temperature; captions of the same image are all positives
+    (targets are row-normalised)."""
     positives = (image_ids[:, None] == image_ids[None, :]).to(sim.dtype)
     targets = positives / positives.sum(1, keepdim=True)
     i2t = -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
@@ -109,7 +106,7 @@ def itc_itm_losses(model: nn.Module, pixel_values: torch.Tensor, input_ids: torc
     image_embeds, image_feat = image_embeddings(model, pixel_values)
     text_feat = text_features(model, input_ids, attention_mask)
     sim = image_feat @ text_feat.t() / temperature  # (B images, B captions)
-    loss_itc = itc_loss(sim, image_ids)
+    loss_itc = contrastive_loss(sim, image_ids)
 
     neg_text = sample_hard_negatives(sim.detach(), image_ids)  # (B,): a wrong caption per image
     neg_image = sample_hard_negatives(sim.detach().t(), image_ids)  # (B,): a wrong image per caption
@@ -125,31 +122,15 @@ def itc_itm_losses(model: nn.Module, pixel_values: torch.Tensor, input_ids: torc
     return loss_itc, loss_itm
 
 
-@contextmanager
-def _forward_as(model: nn.Module, fn: Callable[..., Any]):
-    """Make `model(...)` run `fn`: under DistributedDataParallel the loss must be computed inside
-    the wrapper's forward for its gradient synchronisation, but the loss needs several sub-module
-    calls that BlipForImageTextRetrieval.forward does not offer."""
-    core = _core(model)
-    core.forward = fn  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        del core.forward
-
-
 def blip_retrieval_loss(model: nn.Module, batch: dict[str, torch.Tensor], enc_token_id: int) -> torch.Tensor:
     """ITC + ITM of a training batch (pixel_values, input_ids, attention_mask, image_ids)."""
-    core = _core(model)
-
-    def step(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             image_ids: torch.Tensor) -> torch.Tensor:
-        itc, itm = itc_itm_losses(core, pixel_values, input_ids, attention_mask, image_ids, enc_token_id)
+    def step(core: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        itc, itm = itc_itm_losses(core, b["pixel_values"], b["input_ids"], b["attention_mask"], b["image_ids"],
+                                  enc_token_id)
         return itc + itm
 
-    with _forward_as(model, step):
-        return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                     attention_mask=batch["attention_mask"], image_ids=batch["image_ids"])
+    keys = ("pixel_values", "input_ids", "attention_mask", "image_ids")
+    return loss_in_forward(model, step, {k: batch[k] for k in keys})
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._common import DataError
+from ..data._common import DataError
 
 log = logging.getLogger("upop")
 
