@@ -17,7 +17,6 @@ generated captions of each evaluated split are written in COCO result format
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError, KarpathyEval
+from ..files import write_text
 from ..metrics import caption_scores
 from ..models import hub_tokenizer, require_model_type
 from ..models.blip import BLIP_CLASSES
@@ -170,10 +170,7 @@ class CaptionTask(Task):
         results = [{"image_id": image_id(ds.images[i]), "caption": c} for i, c in sorted(predictions.items())]
         text = json.dumps(results, indent=1)
         for path in (out / f"captions_{split}.json", out / "captions" / f"{split}-{params}.json"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text(path, text)
 
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
         """One image and a full-length caption: a teacher-forced forward, as the paper counts FLOPs."""

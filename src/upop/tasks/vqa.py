@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import DataError
 from ..data.openmoji_vqa import IMAGE_PATTERN, annotations_file, build_openmoji_vqa, questions_file
 from ..data.vqav2 import ANSWER_TYPES, VQAv2Dataset, image_pattern, read_answer_list, split_files
+from ..files import write_text
 from ..metrics import vqa_accuracy
 from ..models import hub_tokenizer, require_model_type
 from ..models.blip import BLIP_CLASSES
@@ -219,12 +219,8 @@ class VQATask(Task):
         """The file the official evaluation server takes, written atomically by the main process."""
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        out = Path(self.cfg.output_dir).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"vqa_result_{split}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps([{"question_id": q, "answer": a} for q, a in results]))
-        os.replace(tmp, path)
+        path = Path(self.cfg.output_dir).expanduser() / f"vqa_result_{split}.json"
+        write_text(path, json.dumps([{"question_id": q, "answer": a} for q, a in results]))
 
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
         """One question of max_tokens tokens and a 3-token answer per image (HF's forward)."""
