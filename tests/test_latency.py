@@ -241,9 +241,9 @@ def test_real_timing_follows_the_width(granularity):
         n = s.num_units(granularity)
         if n == 1:
             continue
-        narrow = min(L.time_structure(s, granularity, 1, *tokens[s.name], settings=settings).median_ms
+        narrow = min(L.time_structure(s, granularity, 1, *tokens[s.name], settings=settings).ms
                      for _ in range(2))
-        full = min(L.time_structure(s, granularity, n, *tokens[s.name], settings=settings).median_ms
+        full = min(L.time_structure(s, granularity, n, *tokens[s.name], settings=settings).ms
                    for _ in range(2))
         assert narrow > 0 and full > 0
         # a replica that ignored the width would time both alike; the real ratio is 5-30x
@@ -268,4 +268,4 @@ def test_onnxruntime_runtime_times_the_replica():
     settings = L.LatencySettings(runtime="onnxruntime", min_run_time=0.002, warmup=1, batch=2)
     for s in structures:
         timing = L.time_structure(s, "head_dim", 2, *tokens[s.name], settings=settings)
-        assert timing.median_ms > 0 and timing.runs >= 5
+        assert timing.ms > 0 and timing.runs >= 3

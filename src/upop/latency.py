@@ -46,6 +46,7 @@ from .files import write_json
 from .structures import Structure
 
 RUNTIMES = ("torch", "onnxruntime")
+STATISTICS = ("median", "min")
 ATTENTION_IMPLS = ("sdpa", "eager")
 CACHE_FORMAT = "upop-latency"
 CACHE_VERSION = 1
@@ -67,12 +68,15 @@ class LatencySettings:
     threads: intra-op threads (None = torch.get_num_threads(), i.e. OMP_NUM_THREADS).
     attention: "sdpa" (fused, what Hugging Face and timm run by default) or "eager" (explicit
         QK^T, softmax, AV matmuls).
-    min_run_time: seconds of timing per measured point and round (torch.utils.benchmark
-        blocked_autorange, median of its blocks); warmup: untimed calls first; rounds: every
-        point of a table is timed once per round, the rounds interleaved over the widths, and the
-        fastest round's median is kept (on a shared machine other work only ever adds time, and
+    min_run_time: seconds of timing per measured point and round (blocks of about 1 ms timed
+        with torch.utils.benchmark.Timer); warmup: untimed calls first; rounds: every point of a
+        table is timed once per round, the rounds interleaved over the widths, and the fastest
+        round is kept (on a shared machine other work only ever adds time, and
         interleaving keeps a burst of it from bending one stretch of the table). None of these
         three changes the cache key: they set precision only.
+    statistic: "median" of the timed blocks (the default), or "min" on a machine shared with
+        other work, where a long forward (the whole model) is interrupted far more often than a
+        short one (one structure) and medians make the fixed part look larger than it is.
     """
 
     runtime: str = "torch"
@@ -84,10 +88,13 @@ class LatencySettings:
     min_run_time: float = 0.05
     warmup: int = 2
     rounds: int = 3
+    statistic: str = "median"
 
     def check(self) -> None:
         if self.runtime not in RUNTIMES:
             raise LatencyError(f"latency runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.statistic not in STATISTICS:
+            raise LatencyError(f"latency statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise LatencyError(f"latency attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
@@ -115,7 +122,7 @@ class LatencySettings:
         """Everything a measured number depends on, besides the shapes."""
         fields_ = {"runtime": self.runtime, "device": device_name(self.device or "cpu"),
                    "torch": torch.__version__, "threads": self.threads, "batch": self.batch,
-                   "dtype": self.dtype, "attention": self.attention}
+                   "dtype": self.dtype, "attention": self.attention, "statistic": self.statistic}
         if self.runtime == "onnxruntime":
             fields_["onnxruntime"] = _onnxruntime().__version__
         return fields_
@@ -256,15 +263,15 @@ def replica(sig: dict[str, Any], width: int, settings: LatencySettings) -> tuple
 
 
 class Timing(NamedTuple):
-    median_ms: float
+    ms: float  # the median of the timed blocks (or their minimum: LatencySettings.statistic)
     iqr_ms: float  # interquartile range of the timed blocks: the spread to trust the median by
     runs: int
 
 
-def _time_callable(fn: Any, settings: LatencySettings, block_s: float = 1e-3, min_blocks: int = 5) -> Timing:
+def _time_callable(fn: Any, settings: LatencySettings, block_s: float = 1e-3, min_blocks: int = 3) -> Timing:
     """Warm up, then time blocks of ~`block_s` with torch.utils.benchmark.Timer (it synchronises
-    CUDA and sets the thread count) until `min_run_time` has passed: the median and IQR of the
-    blocks. Short blocks, not blocked_autorange's single long one, so the IQR is a real spread
+    CUDA and sets the thread count) until `min_run_time` has passed: the median (or minimum)
+    and IQR of the blocks. Short blocks, not blocked_autorange's single long one, so the IQR is a real spread
     and a moment of interference spoils one block, not the whole point."""
     from torch.utils import benchmark
 
@@ -278,15 +285,16 @@ def _time_callable(fn: Any, settings: LatencySettings, block_s: float = 1e-3, mi
     while len(times) < min_blocks or (time.perf_counter() < deadline and len(times) < 10_000):
         times.append(timer.timeit(number).median)
     q1, median, q3 = statistics.quantiles(times, n=4)
-    return Timing(median * 1e3, (q3 - q1) * 1e3, len(times) * number)
+    value = min(times) if settings.statistic == "min" else median
+    return Timing(value * 1e3, (q3 - q1) * 1e3, len(times) * number)
 
 
 def _fastest(timings: Sequence[Timing]) -> Timing:
-    """The fastest round's median; its spread is the larger of that round's IQR and the range of
-    the rounds' medians (how far to trust it on this machine)."""
-    best = min(timings, key=lambda t: t.median_ms)
-    spread = max(t.median_ms for t in timings) - best.median_ms
-    return Timing(best.median_ms, max(best.iqr_ms, spread), sum(t.runs for t in timings))
+    """The fastest round; its spread is the larger of that round's IQR and the range of the
+    rounds' values (how far to trust it on this machine)."""
+    best = min(timings, key=lambda t: t.ms)
+    spread = max(t.ms for t in timings) - best.ms
+    return Timing(best.ms, max(best.iqr_ms, spread), sum(t.runs for t in timings))
 
 
 def _ort_session(path_or_bytes: str | bytes, settings: LatencySettings) -> Any:
@@ -706,11 +714,11 @@ def build_latency_model(
                 rounds[w].append(time_replica(sig, w, settings))
                 measured += 1
         best = [_fastest(rounds[w]) for w in grids[sig_id]]
-        tables[sig_id] = Table(grids[sig_id], [t.median_ms for t in best], [t.iqr_ms for t in best])
+        tables[sig_id] = Table(grids[sig_id], [t.ms for t in best], [t.iqr_ms for t in best])
     fingerprint = _model_fingerprint(model, example_inputs) if model is not None else None
     if fingerprint is not None and fingerprint not in fixed_entries:
         t = _fastest([time_model(model, example_inputs, settings) for _ in range(settings.rounds)])
-        fixed_entries[fingerprint] = {"model_ms": t.median_ms, "iqr_ms": t.iqr_ms}
+        fixed_entries[fingerprint] = {"model_ms": t.ms, "iqr_ms": t.iqr_ms}
         measured += 1
     if use_cache and measured:
         write_json(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "fields": key_fields,
