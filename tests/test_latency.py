@@ -170,6 +170,16 @@ def test_fixed_part_is_clamped_and_cache_dir_follows_the_environment(tmp_path, f
         L.build_latency_model(structures, "head_dim", tokens, L.LatencySettings(runtime="tvm"), use_cache=False)
 
 
+def test_a_given_grid_is_timed_with_the_full_width(tmp_path, fake_timer):
+    _, _, structures, tokens = _structures("vit_model")
+    mlp = next(s for s in structures if not s.is_attention)
+    lm = L.build_latency_model(structures, "head_dim", tokens, L.LatencySettings(rounds=1),
+                               widths={mlp.name: [3, 9]}, cache=tmp_path)
+    assert lm.table(mlp.name).widths == [3, 9, mlp.hidden]
+    with pytest.raises(L.LatencyError, match=f"widths for {mlp.name}"):
+        L.build_latency_model(structures, "head_dim", tokens, widths={mlp.name: [0, 9]}, use_cache=False)
+
+
 # ---- (c) widths the hardware likes ---------------------------------------------------------------------
 def _one(table: L.Table, channels: int = 1) -> L.LatencyModel:
     return L.LatencyModel.synthetic({"s": table}, channels={"s": channels})

@@ -369,6 +369,13 @@ def width_grid(units: int, anchors: int = 4, small: int = 16) -> list[int]:
     return sorted(widths)
 
 
+def _grid(name: str, widths: Sequence[int], units: int) -> list[int]:
+    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= units]
+    if bad:
+        raise LatencyError(f"widths for {name}: {bad[:3]} are not integers in [1, {units}]")
+    return sorted({*widths, units})
+
+
 # ---- the measured table -------------------------------------------------------------------------------
 @dataclass
 class Table:
@@ -681,7 +688,8 @@ def build_latency_model(
 
     tokens: per structure name, (tokens_q, tokens_kv) per sample (`measure_tokens`, or the
     search's `masks.tokens`). model + example_inputs (batch = settings.batch): also measure the
-    whole model, giving the fixed part. widths: the grid per signature kind, default `width_grid`.
+    whole model, giving the fixed part. widths: the kept widths to time per structure name
+    (the full width is always added; structures of one shape share one grid); default `width_grid`.
     """
     if not structures:
         raise LatencyError("no structures to time")
@@ -695,7 +703,9 @@ def build_latency_model(
         _check_batch(example_inputs, settings.batch)
     sigs = {s.name: signature(s, granularity, *tokens[s.name]) for s in structures}
     ids = {name: _digest(sig) for name, sig in sigs.items()}
-    grids = {i: list(widths[i]) if widths and i in widths else width_grid(sigs[n]["units"]) for n, i in ids.items()}
+    given = {ids[n]: (n, w) for n, w in reversed(list((widths or {}).items())) if n in ids}
+    grids = {i: _grid(*given[i], sigs[n]["units"]) if i in given else width_grid(sigs[n]["units"])
+             for n, i in ids.items()}
     unique = {ids[n]: sigs[n] for n in sigs}
     key_fields = {**settings.key_fields(), "granularity": granularity,
                   "signatures": sorted(([unique[i], grids[i]] for i in unique), key=json.dumps)}
