@@ -36,6 +36,7 @@ from .compress import apply_plan
 from .files import atomic_folder, check_finite, write_json
 from .masks import is_masked
 from .plan import PlanError, PruningPlan, StructurePlan
+from .structures import Structure
 
 FORMAT_VERSION = 2  # 2: the weights' SHA-256 is recorded and checked; 1 (no hash) still loads
 META_FILE = "upop_model.json"
@@ -49,13 +50,13 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing, incomplete, corrupted, unsafe or does not fit."""
 
 
-def current_plan(model: nn.Module) -> PruningPlan:
+def current_plan(model: nn.Module, structures: list[Structure] | None = None) -> PruningPlan:
     """The plan that turns the base model into `model` (all units kept if never pruned)."""
     plan = getattr(model, "upop_plan", None)
     if isinstance(plan, PruningPlan):
         return plan
     entries = {}
-    for s in discover(model):
+    for s in structures if structures is not None else discover(model):
         unit = s.unit("head_dim")
         entries[s.name] = StructurePlan(kind=s.kind, unit=unit, total=s.num_units("head_dim"),
                                         kept=list(range(s.num_units("head_dim"))),
@@ -355,8 +356,9 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, build: dict[str
     if build is not None:
         model.upop_build = validate_description(build, what)
     library = _library_of(model)
-    plan = current_plan(model)
-    structures = {s.name: s for s in discover(model)}
+    found = discover(model)  # once: the plan check and the plan itself use the same structures
+    plan = current_plan(model, found)
+    structures = {s.name: s for s in found}
     for name, sp in plan.structures.items():  # the plan must describe the model as it is now
         s = structures.get(name)
         width = s.num_units(sp.unit if sp.unit != "neuron" else "head_dim") if s else None
