@@ -18,9 +18,9 @@ from torch import nn
 
 import upop
 from upop.costs import eager_attention
-from upop.pipeline import Trainer, cosine
 from upop.runconfig import RunConfig
 from upop.tasks import Task
+from upop.training import Trainer, cosine
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Bench:
 
 def run_phase(bench: Bench, model: nn.Module, steps: int, *, phase: str, lr: float, schedule: str,
               search: upop.UPopSearch | None = None, warmup: int = 0) -> dict[str, float]:
-    """`steps` optimisation steps of `model` through pipeline.Trainer.epoch; returns loss and wall time."""
+    """`steps` optimisation steps of `model` through training.Trainer.epoch; returns loss and wall time."""
     if steps % bench.chunk:
         raise ValueError(f"{phase}: {steps} steps is not a multiple of the chunk {bench.chunk}")
     trainer = bench.trainer

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from upop.files import atomic_write, write_text
+
 HERE = Path(__file__).resolve().parent
 TASK_TITLES = {"retrieval": "OpenMoji image-text retrieval (dual encoder: MiniLM text + ViT)",
                "classification": "Fashion-MNIST classification (small DeiT-style ViT)"}
@@ -182,7 +184,7 @@ def plots(task: dict[str, Any], folder: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = folder / f"{task['task']}_quality.png"
-        fig.savefig(path, dpi=110)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         made.append(path)
     speed = task.get("speed", {})
@@ -207,7 +209,7 @@ def plots(task: dict[str, Any], folder: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = folder / f"{task['task']}_speed.png"
-        fig.savefig(path, dpi=110)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         made.append(path)
     return made
@@ -332,8 +334,7 @@ def render(results: Path | list[Path], docs: Path, discussion: Path | None = HER
     if discussion is not None and Path(discussion).is_file():
         lines += [Path(discussion).read_text().rstrip(), ""]
     text = "\n".join(lines)
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(text)
+    write_text(docs, text)
     return text
 
 

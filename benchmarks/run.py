@@ -35,9 +35,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import upop  # noqa: E402
-from upop.pipeline import Dist, Trainer, cosine  # noqa: E402
+from upop.files import write_json  # noqa: E402
 from upop.runconfig import load_run_config  # noqa: E402
 from upop.tasks import make_task  # noqa: E402
+from upop.training import Dist, Trainer, cosine  # noqa: E402
 
 from . import render  # noqa: E402
 from .methods import METHODS, Bench  # noqa: E402
@@ -175,7 +176,7 @@ def dense_model(bench: Bench, spec: dict[str, Any], cache: Path) -> tuple[torch.
         loss = bench.trainer.epoch(wrapped, optimizer, phase="dense", epoch=epoch, lr_at=lr_at)
     info = {"steps": spec["dense_steps"], "last_loss": loss, "wall_s": time.time() - start, "seed": 0}
     upop.save_pretrained(model, folder)
-    (folder / "dense.json").write_text(json.dumps(info, indent=1))
+    write_json(folder / "dense.json", info)
     return model, {**info, "cached": False}
 
 
@@ -203,14 +204,6 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "latency_ms": {k: statistics.median(r["latency_ms"][k] for r in sel) for k in sel[0]["latency_ms"]},
             })
     return out
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` through a temporary file and a rename, so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache: Path, env: dict,
@@ -341,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["wall_s"][key] = time.time() - task_start
     meta["wall_s"]["total"] = time.time() - started
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    run_meta_path.write_text(json.dumps(meta, indent=1))
+    write_json(run_meta_path, meta)
     defaults = render.default_folders(ROOT)
     folders = defaults if args.out.resolve() in [f.resolve() for f in defaults] else [args.out]
     render.render(folders, args.docs, follow_up=render.STEP_BUDGET if folders == defaults else None)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from upop import count_flops, count_params
+from upop.files import write_json
 
 from .methods import METHODS
-from .run import MODES, ROOT, dense_model, environment, evaluate, log, make_bench, write_json
+from .run import MODES, ROOT, dense_model, environment, evaluate, log, make_bench
 
 OUT = ROOT / "benchmarks" / "results" / "step_budget" / "retrieval.json"
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from upop import cli, pipeline
+from upop import cli, pipeline, state
 from upop.runconfig import load_run_config
 
 COLORS = ["red", "green", "blue", "orange", "purple", "black"]
@@ -146,7 +146,7 @@ def test_kill_and_resume_gives_the_same_plan(karpathy, tmp_path, monkeypatch, re
 def test_killed_while_saving_resumes_from_the_previous_checkpoint(karpathy, tmp_path, monkeypatch, reference_plan):
     out = tmp_path / "run"
     config = _write(tmp_path, _retrieval_config(karpathy, out))
-    real_save = pipeline.save_model
+    real_save = state.save_model
     calls = {"n": 0}
 
     def dying_save(model, path, *args, **kwargs):
@@ -157,12 +157,12 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(karpathy, tmp_
             raise KeyboardInterrupt
         return real_save(model, path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_model", dying_save)
+    monkeypatch.setattr(state, "save_model", dying_save)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_compress(load_run_config(config))
     progress = json.loads((out / "state" / "progress.json").read_text())
     assert (progress["phase"], progress["epoch"]) == ("search", 1)  # the half-written one is not taken
-    monkeypatch.setattr(pipeline, "save_model", real_save)
+    monkeypatch.setattr(state, "save_model", real_save)
     pipeline.run_compress(load_run_config(config))
     assert json.loads((out / "plan.json").read_text())["structures"] == reference_plan
 

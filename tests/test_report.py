@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from upop import report
+from upop import files, report
 
 # name -> (modality, kind, layer, unit, total, kept count, unit_params)
 LAYOUT = {
@@ -200,7 +200,7 @@ def test_rewrite_is_atomic_and_leaves_no_temp_files(tmp_path, plan_and_structure
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        report._atomic_write(paths["report"], failing_write)
+        files.atomic_write(paths["report"], failing_write)
     assert paths["report"].read_text() == before
     assert sorted(os.listdir(tmp_path)) == ["kept_widths.png", "metrics.json", "report.md"]
 

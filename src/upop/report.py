@@ -2,8 +2,8 @@
 
 Everything here works on plain data (the metrics dict of the compress pipeline, a plan as
 ``PruningPlan.to_dict()`` and the structures as ``Structure.describe()``), so a finished run can
-be re-reported from its JSON files alone. Every file is written atomically: a temporary file in
-the same folder, then ``os.replace``, so a half-written file never carries the real name.
+be re-reported from its JSON files alone. Every file is written through upop.files (a temporary file
+in the same folder, then a rename), so a half-written file never carries the real name.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+import platform
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
+
+from .files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +87,6 @@ def modality_summary(plan: dict[str, Any], structures: list[dict[str, Any]]) -> 
     return out
 
 
-# ---- atomic writes ------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call write(file) on a temporary file next to `path`, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 # ---- the picture --------------------------------------------------------------------------------
 def plot_kept_widths(plan: dict[str, Any], structures: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Write one PNG of the kept fraction per layer: a panel per (modality, kind), rows = modalities.
@@ -166,7 +144,7 @@ def plot_kept_widths(plan: dict[str, Any], structures: list[dict[str, Any]], pat
     def save(f: IO[bytes]) -> None:
         fig.savefig(f, format="png", dpi=120)
 
-    return _atomic_write(Path(path), save)
+    return atomic_write(Path(path), save)
 
 
 def _draw_panel(ax: Any, modality: str, kind: str, group: list[dict[str, Any]], ylabel: bool) -> None:
@@ -415,7 +393,8 @@ def render_markdown(metrics: dict[str, Any], plan: dict[str, Any], structures: l
 
 def write_report(out_dir: Path, metrics: dict[str, Any], plan: dict[str, Any],
                  structures: list[dict[str, Any]]) -> dict[str, Path]:
-    """Write metrics.json (metrics + "kept_widths"; NaN stored as null), kept_widths.png and report.md.
+    """Write kept_widths.png, report.md and metrics.json (metrics + "kept_widths"; NaN stored as null),
+    metrics.json last: it marks a finished run.
 
     Returns {"metrics": ..., "plot": ..., "report": ...}. Without matplotlib the picture is
     skipped (with a warning) and report.md does not reference it.
@@ -430,7 +409,17 @@ def write_report(out_dir: Path, metrics: dict[str, Any], plan: dict[str, Any],
         log.warning("kept_widths.png not written (%s); install matplotlib for the picture", exc)
     record = _jsonable({**metrics, "kept_widths": kept_width_table(plan, structures)})
     text = json.dumps(record, indent=1, default=str, allow_nan=False)
-    paths["metrics"] = _write_text(out_dir / "metrics.json", text + "\n")
     picture = paths["plot"].name if "plot" in paths else None
-    paths["report"] = _write_text(out_dir / "report.md", render_markdown(metrics, plan, structures, picture))
+    paths["report"] = write_text(out_dir / "report.md", render_markdown(metrics, plan, structures, picture))
+    paths["metrics"] = write_text(out_dir / "metrics.json", text + "\n")
     return paths
+
+
+def versions() -> dict[str, str]:
+    """The software and machine a run used (the report's "Versions" section)."""
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "machine": platform.machine(),
+            "cpu_threads": str(torch.get_num_threads())}

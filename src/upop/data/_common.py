@@ -58,12 +58,23 @@ def check_mode(on_bad_input: str) -> str:
     return on_bad_input
 
 
+def printable(text: object) -> str:
+    """`text` safe to write anywhere: a file name that is not valid UTF-8 reaches Python as surrogate
+    escapes ("\\udcff"), which a UTF-8 stream refuses; they are shown as the bytes they stand for ("\\xff")."""
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def log_skipped(source: object, skipped: Sequence[str], what: str = "bad entries") -> None:
     """One warning on the "upop" logger: how many entries were dropped and the first few reasons."""
     if not skipped:
         return
     shown = "; ".join(skipped[:_LOGGED_PATHS]) + ("; ..." if len(skipped) > _LOGGED_PATHS else "")
-    logger.warning("%s: skipped %d %s (data.on_bad_input: skip): %s", source, len(skipped), what, shown)
+    logger.warning("%s", printable(f"{source}: skipped {len(skipped)} {what} (data.on_bad_input: skip): {shown}"))
 
 
 def is_file(path: Path) -> bool:
@@ -127,7 +138,7 @@ def load_image_or_none(path: Path, on_bad_input: str, skipped: list[str]):
             raise
         skipped.append(str(exc))
         if len(skipped) <= _LOGGED_PATHS:  # per process: workers each keep their own list
-            logger.warning("%s (data.on_bad_input: skip: item dropped)", exc)
+            logger.warning("%s (data.on_bad_input: skip: item dropped)", printable(exc))
         return None
 
 
