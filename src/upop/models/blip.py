@@ -3,6 +3,10 @@
 The tokenizer is BLIP's: bert-base-uncased's vocabulary (offline, from all-MiniLM-L6-v2) plus
 BLIP's two special tokens, [DEC] (bos of the decoder, id 30522) and [ENC] (the ITM / question
 encoder's first token, id 30523), so vocab_size is 30524 as in the released BLIP checkpoints.
+
+`BlipForRetrievalWithTemp` is BlipForImageTextRetrieval plus BLIP's learnable ITC temperature
+`temp` (the paper's recipe, `retrieval.learn_temperature`): a parameter of the model, so it
+reaches the optimizer, is saved with the weights and is rebuilt by `upop.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -11,8 +15,13 @@ from typing import Any
 
 import torch
 import transformers as tf
+from torch import nn
+from transformers import initialization as hf_init
 
-from ._common import BuiltModel, add_presets, minilm_path, minilm_tokenizer
+from ._common import BuiltModel, add_presets, minilm_path, minilm_tokenizer, register_architecture
+
+TEMP_INIT = 0.07  # BLIP's initial ITC temperature
+TEMP_RANGE = (0.001, 0.5)  # BLIP clamps it here before every forward
 
 BLIP_CLASSES = {
     "retrieval": tf.BlipForImageTextRetrieval,
@@ -52,6 +61,37 @@ def _blip(task: str, vision: tuple[int, int, int, int], text: tuple[int, int, in
         return BuiltModel(BLIP_CLASSES[task](config), tok, image_size)
     return build
 
+
+@register_architecture
+class BlipForRetrievalWithTemp(tf.BlipForImageTextRetrieval):
+    """BlipForImageTextRetrieval with a learnable ITC temperature `temp` (a 0-d parameter, init
+    0.07). A Hugging Face BLIP retrieval checkpoint, which has no `temp`, loads into it with
+    temp = 0.07 (the missing key is initialised by `_init_weights`)."""
+
+    def __init__(self, config: tf.BlipConfig) -> None:
+        super().__init__(config)
+        self.temp = nn.Parameter(torch.tensor(TEMP_INIT))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            hf_init.constant_(self.temp, TEMP_INIT)
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        self.temp.clamp_(*TEMP_RANGE)
+
+
+def with_learned_temperature(model: tf.BlipForImageTextRetrieval) -> BlipForRetrievalWithTemp:
+    """The same weights in a BlipForRetrievalWithTemp (temp = 0.07); the model itself when it is one."""
+    if isinstance(model, BlipForRetrievalWithTemp):
+        return model
+    out = BlipForRetrievalWithTemp(model.config)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) != {"temp"}:  # pragma: no cover - the subclass adds exactly `temp`
+        raise RuntimeError(f"BLIP retrieval weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    p = next(model.parameters())
+    return out.to(device=p.device, dtype=p.dtype).train(model.training)
 
 
 @torch.no_grad()
