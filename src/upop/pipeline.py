@@ -138,8 +138,6 @@ class Run:
         self.progress.searched = {"metric": task.evaluate(model, "test", env.device)[task.metric],
                                   "params": count_params(model), "flops": count_flops(model, example)}
         log.info("after search, before retraining: test %s %.2f", task.metric, self.progress.searched["metric"])
-        self.progress.best = None
-        require_finite(model, "search: compressed model")
         if env.main:  # on disk before the progress names the retraining
             self.state.save_plan(plan)
             write_text(self.out / "plan.json", plan.to_json())
