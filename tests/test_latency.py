@@ -279,3 +279,51 @@ def test_onnxruntime_runtime_times_the_replica():
     for s in structures:
         timing = L.time_structure(s, "head_dim", 2, *tokens[s.name], settings=settings)
         assert timing.ms > 0 and timing.runs >= 3
+
+
+# ---- the search itself under budget="latency" ----------------------------------------------------
+def _run_search(model, inputs, cfg, lm):
+    from upop import UPopConfig, UPopSearch
+
+    search = UPopSearch(model, UPopConfig(**cfg), latency=lm)
+    for _ in range(search.config.total_steps):
+        out = model(**inputs)
+        loss = sum(v.float().pow(2).mean() for v in out.values() if torch.is_tensor(v) and v.is_floating_point())
+        loss.backward()
+        search.step()
+        model.zero_grad(set_to_none=True)
+    return search
+
+
+def test_search_with_a_latency_budget_meets_the_table():
+    model, inputs, structures, _ = _structures()
+    lm = L.LatencyModel.synthetic(_linear_tables(structures), fixed_ms=1.0)
+    search = _run_search(model, inputs, dict(target=0.5, total_steps=4, interval=1, budget="latency"), lm)
+    plan = search.plan()
+    widths = L.plan_widths(plan)
+    assert abs(lm.prunable_ms(widths) - 0.5 * lm.prunable_ms()) <= max(lm.unit_costs().values())
+    assert plan.stats["latency"]["removed_measured"] == pytest.approx(0.5, abs=0.05)
+    assert plan.stats["budget"] == "latency"
+
+
+def test_round_to_auto_reads_the_tables_in_the_search():
+    model, inputs, structures, _ = _structures()
+    # every table is a staircase of 4: widths below a multiple of 4 cost as much as the multiple
+    tables = {}
+    for s in structures:
+        n = s.num_units("head_dim")
+        widths = list(range(1, n + 1))
+        tables[s.name] = L.Table(widths, [0.1 * (4 * math.ceil(w / 4)) for w in widths])
+    lm = L.LatencyModel.synthetic(tables, fixed_ms=0.5)
+    search = _run_search(model, inputs, dict(target=0.5, total_steps=3, interval=1, budget="latency",
+                                             round_to="auto"), lm)
+    step = search.round_to()
+    assert step == L.auto_round_to(lm) > 1  # the tiny heads (8 dims) leave room for a multiple of 2
+    assert all(len(sp.kept) % step == 0 or len(sp.kept) == sp.total for sp in search.plan().structures.values())
+
+
+def test_round_to_auto_needs_the_latency_budget():
+    from upop import UPopConfig
+
+    with pytest.raises(ValueError, match="latency"):
+        UPopConfig(target=0.5, total_steps=2, round_to="auto").validate()

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 GRANULARITIES = ("head_dim", "head")
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "latency")
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
 RANKINGS = ("global", "per_structure")
 
 
@@ -40,7 +41,9 @@ class UPopConfig:
     interval: int = 50
     granularity: str = "head_dim"
     min_units: int = 1
-    round_to: int = 1
+    round_to: int | str = 1
+    latency_runtime: str = "torch"
+    latency_batch: int = 1
     progressive: bool = True
     ranking: str = "global"
     sparsity_weight_attn: float = 4.8e-3
@@ -76,7 +79,12 @@ class UPopConfig:
             bad(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.ranking not in RANKINGS:
             bad(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
-        for name in ("total_steps", "interval", "min_units", "round_to"):
+        if self.round_to == "auto" and self.budget != "latency":
+            bad('round_to "auto" reads the measured latency tables: it needs budget "latency"')
+        if self.latency_runtime not in LATENCY_RUNTIMES:
+            bad(f"latency_runtime must be one of {LATENCY_RUNTIMES}, got {self.latency_runtime!r}")
+        for name in ("total_steps", "interval", "min_units", "latency_batch",
+                     *(("round_to",) if self.round_to != "auto" else ())):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(f"{name} must be an integer >= 1, got {value!r}")

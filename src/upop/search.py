@@ -23,6 +23,14 @@ from torch import nn
 from .adapters import discover
 from .compress import apply_plan
 from .config import UPopConfig
+from .latency import (
+    LatencyModel,
+    LatencySettings,
+    auto_round_to,
+    build_latency_model,
+    selection_widths,
+    widen_to_faster,
+)
 from .masks import MaskSet, is_masked
 from .plan import PruningPlan, StructurePlan, check_composable, compose
 from .structures import Structure
@@ -149,7 +157,8 @@ class UPopSearch:
     `config.total_steps` steps the masks are binary; `plan()` and `compress()` follow.
     """
 
-    def __init__(self, model: nn.Module, config: UPopConfig, structures: list[Structure] | None = None) -> None:
+    def __init__(self, model: nn.Module, config: UPopConfig, structures: list[Structure] | None = None,
+                 latency: LatencyModel | None = None) -> None:
         if not isinstance(config, UPopConfig):
             raise TypeError(f"config must be a upop.UPopConfig, got {type(config).__name__}")
         if is_masked(model):
@@ -175,6 +184,8 @@ class UPopSearch:
         self.masks.attach()
         self.scores = {s.name: torch.zeros(s.num_units(config.granularity), dtype=torch.float64)
                        for s in self.structures}
+        self.latency = latency  # built from the first forward's tokens when budget="latency"
+        self._round_to: int | None = None
         self.step_count = 0
         self.skipped_steps = 0
         self.current_ratio = 0.0
@@ -247,10 +258,34 @@ class UPopSearch:
         g = self.config.granularity
         if self.config.budget == "params":
             return {s.name: s.unit_params(g) for s in self.structures}
+        if self.config.budget == "latency":
+            return self.latency_model().unit_costs()
         tokens = self._reduced_tokens()
         if any(q == 0 for q, _ in tokens.values()):
             raise RuntimeError('budget="flops" needs at least one forward pass before the first step()')
         return {s.name: s.unit_flops(g, *tokens[s.name]) for s in self.structures}
+
+    def latency_model(self) -> LatencyModel:
+        """The measured latency tables (cached on disk), built once from the tokens seen so far."""
+        if self.latency is None:
+            tokens = self._reduced_tokens()
+            if any(q == 0 for q, _ in tokens.values()):
+                raise RuntimeError('budget="latency" needs at least one forward pass before the first step()')
+            settings = LatencySettings(runtime=self.config.latency_runtime, batch=self.config.latency_batch)
+            built = [None]
+            if _world_size() <= 1 or dist.get_rank() == 0:  # timings differ per rank: rank 0 decides
+                built[0] = build_latency_model(self.structures, self.config.granularity, tokens, settings).to_dict()
+            if _world_size() > 1:
+                dist.broadcast_object_list(built, src=0)
+            self.latency = LatencyModel.from_dict(built[0])
+        return self.latency
+
+    def round_to(self) -> int:
+        """config.round_to, or the multiple the latency tables favour for "auto" (fixed once read)."""
+        if self._round_to is None:
+            auto = self.config.round_to == "auto"
+            self._round_to = auto_round_to(self.latency_model()) if auto else self.config.round_to
+        return self._round_to
 
     def _reduced_tokens(self) -> dict[str, tuple[float, float]]:
         tokens = {n: t.mean() for n, t in self.masks.tokens.items()}
@@ -275,15 +310,18 @@ class UPopSearch:
         cfg = self.config
         ratio = ratio_at(t, cfg.total_steps, cfg.target)
         self.current_ratio = ratio
+        scores = self.reduced_scores()
         self._selected = select_units(
-            self.reduced_scores(),
+            scores,
             self.unit_costs(),
             {s.name: s.score_group for s in self.structures},
             ratio,
             cfg.min_units,
-            {s.name: s.unit_step(cfg.granularity, cfg.round_to) for s in self.structures},
+            {s.name: s.unit_step(cfg.granularity, self.round_to()) for s in self.structures},
             cfg.ranking,
         )
+        if cfg.budget == "latency":  # keep a wider width wherever it measures faster
+            self._selected = widen_to_faster(self._selected, scores, self.latency_model())
         value = 1.0 - ratio / cfg.target
         for name, sel in self._selected.items():
             mask = torch.ones(sel.numel(), dtype=torch.float32)
@@ -332,8 +370,11 @@ class UPopSearch:
             "prunable_params": sum(params[s.name] * s.num_units(g) for s in self.structures),
             "pruned_params": sum(params[n] * int(sel.sum()) for n, sel in self._selected.items()),
             "skipped_steps": self.skipped_steps,
+            "round_to": self.round_to(),
             "config": self.config.to_dict(),
         }
+        if self.config.budget == "latency":
+            stats["latency"] = self.latency_model().report(selection_widths(self._selected), self.config.target)
         return PruningPlan(structures=entries, model_class=type(self.model).__name__, stats=stats)
 
     def remove(self) -> None:
