@@ -17,7 +17,8 @@ import os
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -32,7 +33,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str | None = None  # a named preset built from a config (see upop.models.PRESETS)
-    name: str | None = None  # a Hugging Face name or a local folder
+    name: str | None = None  # a Hugging Face name or a local folder; nlvr / segmentation: also an official .pth
+    # a tokenizer folder (BERT's or BLIP's vocabulary) for a model.name that holds none (official .pth files)
+    tokenizer: str | None = None
     allow_download: bool = False  # hub names are fetched only when the user asks for it
     num_labels: int | None = None  # classification: taken from the data when unset
 
@@ -41,7 +44,9 @@ class ModelConfig:
 class DataConfig:
     format: str = "openmoji"  # a name of upop.data.formats.FORMATS; each task says which it reads
     root: str | None = None  # image root (karpathy), dataset root (imagefolder), cache (openmoji)
-    train: str | None = None  # karpathy annotation files, or imagefolder split folders
+    # karpathy annotation files, or imagefolder split folders; vqav2: also a list of files (VQAv2
+    # questions, BLIP-style JSON lists such as vg_qa.json), read as one training set
+    train: str | list[str] | None = None
     val: str | None = None
     test: str | None = None
     image_size: int = 64
@@ -74,6 +79,18 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     max_steps_per_epoch: int | None = None  # cap (quick runs and tests)
+    # optimiser and schedule (upop.optim): adamw | sgd (nesterov, momentum); cosine | poly | constant
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # dense training and retraining; the search is always constant
+    poly_power: float = 0.9  # schedule poly: (1 - step/total)^power, per step (Segmenter)
+    # augmentation and regularisation (upop.augment); the defaults keep each task's plain transforms
+    augment: str = "none"  # none | blip | deit
+    eval_crop: float = 1.0  # deit-style evaluation: resize to size/eval_crop, centre crop size (0.875)
+    random_erasing: float = 0.0  # augment deit: probability of timm's RandomErasing
+    mixup: float = 0.0  # classification: timm Mixup alpha (0: off)
+    cutmix: float = 0.0  # classification: timm CutMix alpha (0: off)
+    drop_path: float = 0.0  # stochastic depth of the vision tower, rising linearly over the depth to this
 
 
 @dataclass
@@ -233,9 +250,20 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             return value
         raise ConfigError(f"config key '{path}' must be a string, got {_short(value)}")
     if origin is list:
-        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        item = (get_args(base) or (int,))[0]
+        def ok(v: Any) -> bool:
+            return isinstance(v, str) if item is str else isinstance(v, int) and not isinstance(v, bool)
+
+        if isinstance(value, list) and all(ok(v) for v in value):
             return value
-        raise ConfigError(f"config key '{path}' must be a list of integers, got {_short(value)}")
+        raise ConfigError(f"config key '{path}' must be a list of {'strings' if item is str else 'integers'}, "
+                          f"got {_short(value)}")
+    if origin in (Union, UnionType):  # such as str | list[str]: the first alternative the value fits
+        for alternative in args:
+            with contextlib.suppress(ConfigError):
+                return _check_type(value, alternative, path)
+        names = " or ".join("a list" if get_origin(a) is list else getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"config key '{path}' must be {names}, got {_short(value)}")
     if origin is dict:
         if isinstance(value, dict):
             return value
@@ -296,11 +324,36 @@ def validate(cfg: RunConfig) -> RunConfig:
         bad(f"train.mixed_precision must be no, fp16 or bf16, got {_short(t.mixed_precision)}")
     if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 0:
         bad("train.max_steps_per_epoch must be >= 0")
+    choices = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "poly", "constant"),
+               "augment": ("none", "blip", "deit")}
+    for key, allowed in choices.items():
+        if getattr(t, key) not in allowed:
+            bad(f"train.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {_short(getattr(t, key))}")
+    if not 0 <= t.momentum < 1:
+        bad(f"train.momentum must be in [0, 1), got {_short(t.momentum)}")
+    if not (math.isfinite(t.poly_power) and t.poly_power > 0):
+        bad(f"train.poly_power must be a finite number > 0, got {_short(t.poly_power)}")
+    if not 0 < t.eval_crop <= 1:
+        bad(f"train.eval_crop must be in (0, 1], got {_short(t.eval_crop)}")
+    for key in ("random_erasing", "drop_path"):
+        if not 0 <= getattr(t, key) < 1:
+            bad(f"train.{key} must be in [0, 1), got {_short(getattr(t, key))}")
+    for key in ("mixup", "cutmix"):
+        if not (math.isfinite(getattr(t, key)) and getattr(t, key) >= 0):
+            bad(f"train.{key} must be a finite number >= 0, got {_short(getattr(t, key))}")
     d = cfg.data
     if not 8 <= d.image_size <= MAX_IMAGE_SIZE:
         bad(f"data.image_size must be in [8, {MAX_IMAGE_SIZE}], got {d.image_size}")
     if d.max_tokens < 4:
         bad("data.max_tokens must be >= 4")
+    if cfg.data.format in formats:
+        for key in ("train", "val", "test"):
+            value = getattr(d, key)
+            if isinstance(value, list):
+                if key not in formats[d.format].lists:
+                    bad(f"data.{key} takes one path for data.format {d.format}, not a list")
+                if not value:
+                    bad(f"data.{key} is an empty list")
     for key in ("limit_train", "limit_eval", "num_workers"):
         value = getattr(d, key)
         if value is not None and value < 0:

@@ -19,6 +19,7 @@ class DataFormat:
     name: str
     needs: tuple[str, ...]  # the data.* keys the format cannot do without
     description: str
+    lists: tuple[str, ...] = ()  # the data.* keys that may name a list of files (read as one split)
 
     def check(self, data: Any) -> None:
         """One-line DataError naming the data.* keys this format needs and the config left empty."""
@@ -30,5 +31,5 @@ class DataFormat:
 FORMATS: Registry[DataFormat] = Registry("data.format")
 
 
-def add_format(name: str, needs: tuple[str, ...], description: str) -> DataFormat:
-    return FORMATS.add(name, DataFormat(name, needs, description))
+def add_format(name: str, needs: tuple[str, ...], description: str, lists: tuple[str, ...] = ()) -> DataFormat:
+    return FORMATS.add(name, DataFormat(name, needs, description, lists))
