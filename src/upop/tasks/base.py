@@ -152,6 +152,23 @@ class Task:
         """Inputs of one forward for FLOPs (batch 1) and latency."""
         raise NotImplementedError
 
+    # ---- hooks of the training loop: state a task keeps outside the model (no-ops by default) -----
+    def before_step(self, phase: str, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Before the losses of optimiser step `step` (0-based, within `epoch`) of `phase`."""
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """After every optimiser step that was taken (e.g. an EMA copy follows the model)."""
+
+    def after_compress(self, model: nn.Module, plan: Any) -> None:
+        """After the search compressed `model` with `plan` (a upop.PruningPlan)."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save with every resumable checkpoint (safetensors: names -> tensors)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what extra_state() returned, when a run resumes (before its first step)."""
+
     # ---- shared image transforms --------------------------------------------------------------
     def train_transform(self) -> T.Compose:
         size = self.built.image_size

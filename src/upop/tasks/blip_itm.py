@@ -3,16 +3,18 @@ the ITC + ITM training loss and the ITM re-ranking of evaluation, paper section 
 retrieval task (retrieval.py) uses it for BLIP models; `contrastive_loss` serves both model kinds.
 
 Training loss = ITC + ITM:
-- ITC: L2-normalised projections of the image and text [CLS] states, similarities divided by a
-  fixed temperature `ITC_TEMPERATURE` (0.07, BLIP's initial value). BLIP learns it, but Hugging
-  Face's BlipForImageTextRetrieval has no parameter to hold it, and a parameter kept outside the
-  model would neither be saved with it nor reach the optimizer, so it is a documented constant.
-  Targets: every caption of the same image is a positive (rows normalised). No momentum
-  encoders or queue (the paper's momentum distillation is left out).
+- ITC: L2-normalised projections of the image and text [CLS] states, similarities divided by the
+  temperature: the model's own learnable `temp` (BlipForRetrievalWithTemp, clamped to
+  [0.001, 0.5] before use, as BLIP does) or, for a plain BlipForImageTextRetrieval, which has no
+  parameter to hold it, the fixed `ITC_TEMPERATURE` 0.07 (BLIP's initial value). Targets: every
+  caption of the same image is a positive (rows normalised). With `itc=` the caller supplies the
+  ITC term instead (the paper's momentum distillation, retrieval_momentum.py).
 - ITM: the caption with [CLS] replaced by [ENC] cross-attends to the image; for each image one
-  hard negative caption and for each caption one hard negative image are drawn from the batch
-  with probability softmax(sim / temperature), pairs of the same image masked out; 2-way
-  cross-entropy over the B positives and 2B negatives.
+  hard negative caption and for each caption one hard negative image are drawn with probability
+  softmax(sim / temperature), pairs of the same image masked out, from this process's batch or,
+  with `negative_all_rank`, from the batches of every process (image states gathered with their
+  gradient, as the paper's all_gather_with_grad); 2-way cross-entropy over the B positives and
+  2B negatives.
 
 Evaluation: the ITC similarity matrix, then for each image (resp. caption) its top `k_test`
 candidates re-scored with ITM logit[1] + ITC similarity; every other entry is -100
@@ -21,13 +23,16 @@ candidates re-scored with ITM logit[1] + ITC similarity; every other entry is -1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import loss_in_forward, unwrap
+from .retrieval_momentum import all_gather_with_grad, concat_all_gather, gather_tokens, rank_and_world
 
-ITC_TEMPERATURE = 0.07  # fixed: see the module docstring
+ITC_TEMPERATURE = 0.07  # for models without a learnable temperature: see the module docstring
 OTHER_SCORE = -100.0  # entries outside the top-k_test candidates (BLIP's value)
 
 
@@ -81,40 +86,72 @@ def contrastive_loss(sim: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor
     return (i2t + t2i) / 2
 
 
-def sample_hard_negatives(sim: torch.Tensor, image_ids: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row of `sim` (B, B, already divided by the temperature) one column drawn with
-    probability softmax(row), columns of the same image excluded. A row whose only columns are
-    of its own image (every example of the batch shows one image) draws uniformly among the others."""
+def temperature(model: nn.Module) -> torch.Tensor | float:
+    """The ITC temperature: the model's learnable `temp`, clamped to BLIP's range, or the fixed 0.07."""
+    temp = getattr(model, "temp", None)
+    if isinstance(temp, nn.Parameter):
+        model.clamp_temperature()
+        return temp
+    return ITC_TEMPERATURE
+
+
+# (image features, text features, temperature) -> the ITC loss, features L2-normalised (B, P)
+ItcLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | float"], torch.Tensor]
+
+
+def sample_hard_negatives(sim: torch.Tensor, image_ids: torch.Tensor, generator: torch.Generator | None = None,
+                          column_ids: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """For each row of `sim` (B, N, already divided by the temperature) one column drawn with
+    probability softmax(row), columns of the same image excluded. Columns are the rows' own
+    examples (N = B, ids `image_ids`) or those of every process (ids `column_ids`, row i's own
+    column at `offset + i`). A row whose only columns are of its own image (every example shows
+    one image) draws uniformly among the other columns."""
     with torch.no_grad():
-        same = image_ids[:, None] == image_ids[None, :]
+        columns = image_ids if column_ids is None else column_ids
+        same = image_ids[:, None] == columns[None, :]
         weights = F.softmax(sim.float(), dim=1).masked_fill(same, 0.0)
         empty = weights.sum(1) <= 0
-        if empty.any():  # no other image in the batch: any other example, or itself when B == 1
+        if empty.any():  # no other image among the columns: any other example, or itself when N == 1
             fallback = torch.ones_like(weights[empty])
-            if sim.shape[0] > 1:
+            if sim.shape[1] > 1:
                 rows = torch.nonzero(empty).squeeze(1)
-                fallback[torch.arange(len(rows)), rows] = 0.0
+                fallback[torch.arange(len(rows)), rows + offset] = 0.0
             weights[empty] = fallback
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
 def itc_itm_losses(model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, image_ids: torch.Tensor, enc_token_id: int,
-                   temperature: float = ITC_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ITC loss, ITM loss) of a batch of B (image, caption) pairs; row b of every tensor is one pair."""
+                   itc: ItcLoss | None = None, negative_all_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ITC loss, ITM loss) of a batch of B (image, caption) pairs; row b of every tensor is one pair.
+    itc: the ITC term from the features (default: in-batch contrastive); negative_all_rank: ITM
+    negatives drawn from every process's batch (a no-op in one process)."""
+    temp = temperature(model)
     image_embeds, image_feat = image_embeddings(model, pixel_values)
     text_feat = text_features(model, input_ids, attention_mask)
-    sim = image_feat @ text_feat.t() / temperature  # (B images, B captions)
-    loss_itc = contrastive_loss(sim, image_ids)
+    sim = image_feat @ text_feat.t() / temp  # (B images, B captions)
+    loss_itc = contrastive_loss(sim, image_ids) if itc is None else itc(image_feat, text_feat, temp)
 
-    neg_text = sample_hard_negatives(sim.detach(), image_ids)  # (B,): a wrong caption per image
-    neg_image = sample_hard_negatives(sim.detach().t(), image_ids)  # (B,): a wrong image per caption
     enc = encoder_ids(input_ids, enc_token_id)
+    rank, world = rank_and_world()
+    if negative_all_rank and world > 1:
+        with torch.no_grad():  # local rows against every process's columns
+            ids_world = concat_all_gather(image_ids)
+            sim_i2t = image_feat @ concat_all_gather(text_feat).t() / temp
+            sim_t2i = text_feat @ concat_all_gather(image_feat).t() / temp
+        offset = rank * len(image_ids)
+        neg_text = sample_hard_negatives(sim_i2t, image_ids, column_ids=ids_world, offset=offset)
+        neg_image = sample_hard_negatives(sim_t2i, image_ids, column_ids=ids_world, offset=offset)
+        enc, attention_mask, enc_world, mask_world = gather_tokens(enc, attention_mask)
+        images_world = all_gather_with_grad(image_embeds)
+    else:
+        neg_text = sample_hard_negatives(sim.detach(), image_ids)  # (B,): a wrong caption per image
+        neg_image = sample_hard_negatives(sim.detach().t(), image_ids)  # (B,): a wrong image per caption
+        enc_world, mask_world, images_world = enc, attention_mask, image_embeds
     # one pass over 3B pairs: B positives, B (caption, wrong image), B (wrong caption, image)
-    all_ids = torch.cat([enc, enc, enc[neg_text]])
-    all_mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-    all_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+    all_ids = torch.cat([enc, enc, enc_world[neg_text]])
+    all_mask = torch.cat([attention_mask, attention_mask, mask_world[neg_text]])
+    all_images = torch.cat([image_embeds, images_world[neg_image], image_embeds])
     logits = itm_logits(model, all_ids, all_mask, all_images)
     batch = input_ids.shape[0]
     labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
@@ -122,12 +159,16 @@ def itc_itm_losses(model: nn.Module, pixel_values: torch.Tensor, input_ids: torc
     return loss_itc, loss_itm
 
 
-def blip_retrieval_loss(model: nn.Module, batch: dict[str, torch.Tensor], enc_token_id: int) -> torch.Tensor:
-    """ITC + ITM of a training batch (pixel_values, input_ids, attention_mask, image_ids)."""
+def blip_retrieval_loss(model: nn.Module, batch: dict[str, torch.Tensor], enc_token_id: int,
+                        itc: Callable[[nn.Module, dict[str, torch.Tensor]], ItcLoss] | None = None,
+                        negative_all_rank: bool = False) -> torch.Tensor:
+    """ITC + ITM of a training batch (pixel_values, input_ids, attention_mask, image_ids); `itc`
+    makes the ITC term of the unwrapped model and the batch (momentum distillation)."""
     def step(core: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        itc, itm = itc_itm_losses(core, b["pixel_values"], b["input_ids"], b["attention_mask"], b["image_ids"],
-                                  enc_token_id)
-        return itc + itm
+        loss_itc, loss_itm = itc_itm_losses(core, b["pixel_values"], b["input_ids"], b["attention_mask"],
+                                            b["image_ids"], enc_token_id, itc=None if itc is None else itc(core, b),
+                                            negative_all_rank=negative_all_rank)
+        return loss_itc + loss_itm
 
     keys = ("pixel_values", "input_ids", "attention_mask", "image_ids")
     return loss_in_forward(model, step, {k: batch[k] for k in keys})
