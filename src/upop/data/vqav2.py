@@ -16,6 +16,18 @@ A split is named by its questions file; its annotations file is found by the off
 file's ``data_subtype``) and ``{image_id}``: by default ``<root>/{subtype}/COCO_{subtype}_{image_id:012d}.jpg``
 (the layout of the official COCO zips; test-dev questions read the test2015 images).
 
+A training split may also be a list of files read as one set (the paper trains on VQAv2 train + val
++ Visual Genome QA): VQAv2 questions files (annotations found as above, or ``q.json:a.json``) and
+BLIP-style JSON lists (salesforce/BLIP ``vqa_train.json`` / ``vqa_val.json`` / ``vg_qa.json``)::
+
+    [{"dataset": "vg", "image": "VG_100K/1.jpg", "question": "...", "answer": "blue"},
+     {"dataset": "vqa", "image": "train2014/COCO_train2014_000000000009.jpg", "question": "...",
+      "question_id": 9000, "answer": ["yes", "yes", ...]}, ...]
+
+``vqa`` images are relative to the VQAv2 image root, ``vg`` images to the Visual Genome root. Weights
+as BLIP's VQA dataset: a VQAv2 answer weighs the fraction of annotators who gave it, a Visual Genome
+answer 0.2.
+
 Everything is checked when the dataset is built (structure, types, one annotation per question,
 the image of every question); images are decoded lazily.
 """
@@ -37,6 +49,8 @@ from .formats import add_format
 
 COCO_PATTERN = "{subtype}/COCO_{subtype}_{image_id:012d}.jpg"
 ANSWER_TYPES = ("yes/no", "number", "other")
+VG_WEIGHT = 0.2  # the weight of a Visual Genome answer (BLIP's vqa_dataset.py, the paper's training set)
+
 
 def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
     """Unique normalised answers and the fraction of annotators who gave each (BLIP's VQA weights)."""
@@ -90,6 +104,7 @@ class VQAItem:
     image: Path
     answers: list[str] | None  # the human answers as written (10 in VQAv2); None without annotations
     answer_type: str | None = None
+    dataset: str = "vqa"  # "vg": a Visual Genome QA pair, its answers weighted VG_WEIGHT each
 
 
 def _int_field(path: Path, where: str, entry: dict, key: str) -> int:
@@ -144,7 +159,7 @@ def read_annotations(path: Path) -> dict[int, tuple[int, list[str], str | None]]
 
 def read_vqav2(questions_file: str | Path, annotations_file: str | Path | None, pattern: str,
                on_bad_input: str = "stop", require_answers: bool = True,
-               max_words: int = 50) -> tuple[list[VQAItem], list[str]]:
+               max_words: int = 50, data: Any = None) -> tuple[list[VQAItem], list[str]]:
     """Parse and check one split; returns its items and the problems skipped under on_bad_input "skip".
 
     Malformed files, a question without an annotation and disagreeing image ids raise DataError in
@@ -153,7 +168,8 @@ def read_vqav2(questions_file: str | Path, annotations_file: str | Path | None, 
     under "skip"."""
     check_mode(on_bad_input)
     qpath = Path(questions_file)
-    data = read_json(qpath, "questions file")
+    if data is None:  # `data`: the questions file already parsed
+        data = read_json(qpath, "questions file")
     questions = _list_field(qpath, data, "questions")
     subtype = data.get("data_subtype", "")
     if not isinstance(subtype, str):
@@ -216,6 +232,78 @@ def read_vqav2(questions_file: str | Path, annotations_file: str | Path | None, 
     return items, skipped
 
 
+def read_blip_qa(path: Path, data: Any, vqa_root: Path | None, vg_root: Path | None,
+                 on_bad_input: str = "stop", max_words: int = 50) -> tuple[list[VQAItem], list[str]]:
+    """A BLIP-style JSON list (see the module docstring) as training items; images checked to exist."""
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON list of question entries (BLIP's format)")
+    roots = {"vqa": (vqa_root, "data.root (the VQAv2 image folder)"), "vg": (vg_root, "vqa.vg_root")}
+    items: list[VQAItem] = []
+    skipped: list[str] = []
+    for i, entry in enumerate(data):
+        where = f"entry {i}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
+        kind = entry.get("dataset", "vqa")
+        if kind not in roots:
+            raise DataError(f"{path}: {where}: 'dataset' must be 'vqa' or 'vg', got {kind!r}")
+        question, image, answer = entry.get("question"), entry.get("image"), entry.get("answer")
+        if not isinstance(question, str) or not pre_question(question, max_words):
+            raise DataError(f"{path}: {where}: 'question' must be a non-empty string")
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{path}: {where}: 'image' must be a path string")
+        answers = [answer] if isinstance(answer, str) else answer
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{path}: {where}: 'answer' must be a string or a non-empty list of strings")
+        if not any(normalize_answer(a) for a in answers):
+            raise DataError(f"{path}: {where}: every answer is empty after normalisation")
+        qid = entry.get("question_id", -(i + 1))
+        if isinstance(qid, bool) or not isinstance(qid, int):
+            raise DataError(f"{path}: {where}: 'question_id' must be an integer")
+        root, key = roots[kind]
+        if root is None:
+            raise DataError(f"{path}: {where}: {kind!r} images need {key}")
+        file = root / image
+        if not is_file(file):
+            problem = f"{path}: {where}: image file not found: {file}"
+            if on_bad_input == "stop":
+                raise DataError(problem)
+            skipped.append(problem)
+            continue
+        items.append(VQAItem(qid, -1, pre_question(question, max_words), file, answers, None, kind))
+    if not items:
+        raise DataError(f"{path}: no usable questions left: all were skipped as bad input (first: {skipped[0]})")
+    log_skipped(path, skipped, "questions")
+    return items, skipped
+
+
+def read_train_files(specs: Sequence[str | Path], pattern: str, vqa_root: Path | None, vg_root: Path | None,
+                     on_bad_input: str = "stop") -> tuple[list[VQAItem], list[str]]:
+    """Several training files as one list of items: VQAv2 questions files (with their annotations)
+    and BLIP-style JSON lists, told apart by their content."""
+    check_mode(on_bad_input)
+    items: list[VQAItem] = []
+    skipped: list[str] = []
+    for spec in specs:
+        questions, annotations = split_files(spec)
+        data = read_json(questions, "training file")
+        if isinstance(data, list):
+            got, bad = read_blip_qa(questions, data, vqa_root, vg_root, on_bad_input)
+        else:
+            got, bad = read_vqav2(questions, annotations, pattern, on_bad_input, require_answers=True, data=data)
+        items += got
+        skipped += bad
+    return items, skipped
+
+
+def weighted_answers(item: VQAItem) -> tuple[list[str], list[float]]:
+    """A training item's unique normalised answers and their loss weights."""
+    if item.dataset == "vg":
+        answers = list(dict.fromkeys(a for a in map(normalize_answer, item.answers or []) if a))
+        return answers, [VG_WEIGHT] * len(answers)
+    return answer_weights(item.answers or [])
+
+
 class VQAv2Dataset(Dataset):
     """One split. Train items: (image, question, unique answers, weights) with weights the fraction
     of annotators per normalised answer; eval items: (image, index) (`train=False`).
@@ -224,14 +312,19 @@ class VQAv2Dataset(Dataset):
     (wrap the collate function with `drop_none`), an eval split is decoded up front instead so that
     indices stay fixed."""
 
-    def __init__(self, questions_file: str | Path, pattern: str, annotations_file: str | Path | None = None,
-                 transform: Callable | None = None, on_bad_input: str = "stop", train: bool = True,
-                 require_answers: bool = True) -> None:
-        self.questions_file = Path(questions_file)
+    def __init__(self, questions_file: str | Path | list[str], pattern: str,
+                 annotations_file: str | Path | None = None, transform: Callable | None = None,
+                 on_bad_input: str = "stop", train: bool = True, require_answers: bool = True,
+                 vqa_root: Path | None = None, vg_root: Path | None = None) -> None:
         self.on_bad_input = check_mode(on_bad_input)
         self.transform, self.train = transform, train
-        self.items, self.skipped = read_vqav2(questions_file, annotations_file, pattern, on_bad_input,
-                                              require_answers=require_answers or train)
+        if isinstance(questions_file, (list, tuple)):  # several training files (see read_train_files)
+            self.questions_file = Path(questions_file[0])
+            self.items, self.skipped = read_train_files(questions_file, pattern, vqa_root, vg_root, on_bad_input)
+        else:
+            self.questions_file = Path(questions_file)
+            self.items, self.skipped = read_vqav2(questions_file, annotations_file, pattern, on_bad_input,
+                                                  require_answers=require_answers or train)
         self.has_answers = self.items[0].answers is not None
         if not train and on_bad_input == "skip":
             from ._common import undecodable
@@ -242,7 +335,7 @@ class VQAv2Dataset(Dataset):
             self.items = [it for it in self.items if it.image not in failed]
             if not self.items:
                 raise DataError(f"{self.questions_file}: no question has a decodable image")
-        self.weighted = [answer_weights(it.answers) for it in self.items] if self.has_answers else None
+        self.weighted = [weighted_answers(it) for it in self.items] if self.has_answers else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -284,4 +377,5 @@ def read_answer_list(path: str | Path) -> list[str]:
     return list(out)
 
 
-add_format("vqav2", ("root", "train", "val", "test"), "official VQAv2 questions / annotations JSON")
+add_format("vqav2", ("root", "train", "val", "test"), "official VQAv2 questions / annotations JSON",
+           lists=("train",))

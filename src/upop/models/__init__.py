@@ -2,12 +2,14 @@
 
 - presets: small named models built from a config, one module per family (dual.py, vit.py,
   blip.py, nlvr.py, segmenter.py), each registering them in `PRESETS`;
-- project-built classes (`BlipForNLVR` in nlvr.py, `SegmenterForSemanticSegmentation` in
-  segmenter.py), registered in `ARCHITECTURES` so that `upop.from_pretrained` rebuilds them by
-  class name;
+- project-built classes (`BlipForNLVR` in nlvr.py, the paper's twin-branch `BlipNLVRTwinModel` in
+  blip_nlvr.py, `SegmenterForSemanticSegmentation` in segmenter.py), registered in `ARCHITECTURES`
+  so that `upop.from_pretrained` rebuilds them by class name;
 - `build_model`: a preset, or a Hugging Face model by name or local folder (downloaded only when
   the run config allows it). Which class a hub checkpoint loads into is the task's knowledge: the
-  task passes its own loader (`Task.load_hub_model`).
+  task passes its own loader (`Task.load_hub_model`). A checkpoint trained at another image size
+  than `data.image_size` gets its position tables resized to the new grid (positions.py), or is
+  refused with one line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import transformers as tf
 from torch import nn
 
 from ..runconfig import ConfigError, ModelConfig
-from . import blip, dual, nlvr, segmenter, vit  # noqa: F401  (each registers its presets / classes)
+from . import blip, blip_nlvr, dual, nlvr, segmenter, vit  # noqa: F401  (each registers its presets / classes)
 from ._common import (
     ARCHITECTURES,
     CLIP_MEAN,
@@ -33,6 +35,7 @@ from ._common import (
     register_architecture,
     vit_config,
 )
+from .positions import fit_image_size
 
 # (hub config, source, num_labels, **from_pretrained kwargs) -> (model, tokenizer or None)
 HubLoader = Callable[..., tuple[nn.Module, Any]]
@@ -49,7 +52,7 @@ def build_model(cfg: ModelConfig, task: str, image_size: int, num_labels: int | 
         return preset.build(image_size, num_labels or cfg.num_labels)
     if load_hub is None:
         raise ConfigError(f"task {task} has no loader for hub models; use a model.preset")
-    return _from_name(cfg, load_hub, num_labels or cfg.num_labels)
+    return _from_name(cfg, load_hub, num_labels or cfg.num_labels, image_size)
 
 
 def hub_tokenizer(source: str, **kwargs: Any) -> Any:
@@ -67,7 +70,7 @@ def require_model_type(task: str, config: Any, source: str, model_type: str, wha
         raise ConfigError(f"task {task} needs a {what} checkpoint, {source!r} is a {found or 'unknown'} model")
 
 
-def _from_name(cfg: ModelConfig, load_hub: HubLoader, num_labels: int | None) -> BuiltModel:
+def _from_name(cfg: ModelConfig, load_hub: HubLoader, num_labels: int | None, image_size: int) -> BuiltModel:
     name = cfg.name
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or not cfg.allow_download):
@@ -81,8 +84,7 @@ def _from_name(cfg: ModelConfig, load_hub: HubLoader, num_labels: int | None) ->
         model, tokenizer = load_hub(config, source, num_labels, **kwargs)
     except OSError as exc:
         raise ConfigError(f"model.name {name!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
-    vision = getattr(config, "vision_config", config)
-    image_size = int(getattr(vision, "image_size", 224))
+    fit_image_size(model, image_size, name)  # data.image_size honoured (positions resized) or refused
     mean, std = CLIP_MEAN, CLIP_STD
     try:
         processor = tf.AutoImageProcessor.from_pretrained(source, **kwargs)

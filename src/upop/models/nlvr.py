@@ -22,7 +22,12 @@ the key/value projections are shared between them (3 attention + 2 MLP groups in
 paper's 4 + 2).
 
 
-The presets (`tiny-blip-nlvr`, `demo-blip-nlvr`) and `from_blip_checkpoint` follow the class.
+This single-branch model is an option for starting from a Hugging Face BLIP checkpoint (no NLVR2
+weights exist there). The paper's model is `BlipNLVRTwinModel` (blip_nlvr.py), loaded from the
+official `model_base_nlvr.pth` (models/official.py) or built by the `*-blip-nlvr-twin` presets.
+
+The presets (`tiny-blip-nlvr`, `demo-blip-nlvr`, `tiny-blip-nlvr-twin`, `demo-blip-nlvr-twin`) and
+`from_blip_checkpoint` follow the class.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from ._common import BuiltModel, add_presets, register_architecture
 from .blip import blip_config, blip_tokenizer
+from .blip_nlvr import BlipNLVRTwinConfig, BlipNLVRTwinModel
 
 
 @register_architecture
@@ -100,6 +106,19 @@ def _nlvr(vision: tuple[int, int, int, int], text: tuple[int, int, int], max_pos
     return build
 
 
+def _twin(vision: tuple[int, int, int, int], text: tuple[int, int, int], merge_from_layer: int,
+          max_positions: int = 64):
+    """The paper's twin-branch model: vision (patch, width, depth, heads); text (width, depth, heads);
+    text layers from `merge_from_layer` on merge the two branches with a Linear (the official: 6 of 12)."""
+    def build(image_size: int, num_labels: int | None) -> BuiltModel:
+        tok = blip_tokenizer()
+        base = blip_config(tok, image_size, *vision, *text, projection_dim=16, max_positions=max_positions)
+        config = BlipNLVRTwinConfig(vision_config=base.vision_config.to_dict(),
+                                    text_config=base.text_config.to_dict(), merge_from_layer=merge_from_layer)
+        return BuiltModel(BlipNLVRTwinModel(config), tok, image_size)
+    return build
+
+
 def from_blip_checkpoint(source: str, **kwargs: Any) -> BlipForNLVR:
     """A BlipForNLVR whose `vision_model` and `text_encoder` come from a BLIP checkpoint folder or
     hub name (BlipForImageTextRetrieval / BlipForQuestionAnswering weights use these names); the
@@ -113,4 +132,8 @@ add_presets({
     # small enough to train from scratch on one CPU core in minutes (docs/tasks/nlvr.md)
     "demo-blip-nlvr": ("nlvr", _nlvr((8, 48, 3, 4), (48, 2, 4)),
                        "random BLIP NLVR model: 3-layer ViT and 2-layer text encoder, 48 wide, patch 8 (demo)"),
+    "tiny-blip-nlvr-twin": ("nlvr", _twin((8, 32, 2, 4), (32, 2, 4), merge_from_layer=1),
+                            "2-layer random twin-branch BLIP NLVR model (the paper's), 32 wide (tests)"),
+    "demo-blip-nlvr-twin": ("nlvr", _twin((8, 48, 3, 4), (48, 2, 4), merge_from_layer=1),
+                            "random twin-branch BLIP NLVR model: 3-layer ViT, 2-layer text encoder, 48 wide (demo)"),
 })

@@ -114,6 +114,10 @@ class Task:
             raise ConfigError(f"data.max_tokens {self.cfg.data.max_tokens} is above the model's "
                               f"{limit} position embeddings")
 
+    def select_on_validation(self) -> bool:
+        """True: retraining keeps the epoch best on validation; False: the last epoch (e.g. vqa.select: last)."""
+        return True
+
     def check_ready(self) -> None:
         """Checks that need the data and the model, done before any training starts."""
         t = self.cfg.train

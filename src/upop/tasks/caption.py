@@ -34,6 +34,7 @@ from ..metrics import caption_scores
 from ..models import hub_tokenizer, require_model_type
 from ..models.blip import BLIP_CLASSES
 from ..runconfig import ConfigError, RunConfig
+from ._recipe import Recipe
 from .base import Task, evaluating, karpathy_splits, register_task
 
 # COCO_val2014_000000391895.jpg -> 391895 (COCO's ids); Flickr30K 1000092795.jpg -> 1000092795
@@ -64,7 +65,7 @@ class CaptionOptions:
 
 
 @register_task
-class CaptionTask(Task):
+class CaptionTask(Recipe, Task):
     name = "caption"
     metric = "CIDEr"
     formats = ("openmoji", "karpathy")

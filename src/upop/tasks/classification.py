@@ -1,4 +1,10 @@
-"""Image classification (ViT / DeiT): cross-entropy with label smoothing; top-1 / top-5."""
+"""Image classification (ViT / DeiT): cross-entropy with label smoothing; top-1 / top-5.
+
+The DeiT recipe (examples/paper/imagenet_deit.yaml) through the `train` keys of upop.augment:
+`augment: deit` (timm's RandAugment rand-m9-mstd0.5-inc1, random erasing), `eval_crop: 0.875`,
+`mixup: 0.8` / `cutmix: 1.0` (timm's Mixup; the loss is then timm's SoftTargetCrossEntropy on the
+mixed, smoothed targets), `drop_path: 0.1`.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +17,21 @@ import transformers as tf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..augment import Mixing
 from ..data import CLASSES as FASHION_CLASSES
 from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none
 from ..metrics import top_k_accuracy
 from ..runconfig import ConfigError, RunConfig
+from ._recipe import Recipe
 from .base import ImageOnly, Mapped, Task, evaluating, register_task
 
 
 @register_task
-class ClassificationTask(Task):
+class ClassificationTask(Recipe, Task):
     name = "classification"
     metric = "top1"
     formats = ("imagefolder", "fashion_mnist")
+    mixes_batches = True
 
     @classmethod
     def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
@@ -54,6 +63,8 @@ class ClassificationTask(Task):
         self.num_labels = len(classes)
         self.build_model()
         self._train_tf, self._eval_tf = self.train_transform(), self.eval_transform()
+        t = cfg.train
+        self.mixing = Mixing(t.mixup, t.cutmix, t.label_smoothing, self.num_labels)
         splits["train"] = self.limited(splits["train"], data.limit_train)
         self.splits = splits
 
@@ -70,6 +81,9 @@ class ClassificationTask(Task):
         return {"pixel_values": torch.stack(images), "labels": torch.as_tensor(labels)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.mixing.active and model.training:
+            images, targets = self.mixing(batch["pixel_values"], batch["labels"])
+            return self.mixing.loss(model(pixel_values=images).logits, targets)
         logits = model(pixel_values=batch["pixel_values"]).logits
         return F.cross_entropy(logits, batch["labels"], label_smoothing=self.cfg.train.label_smoothing)
 

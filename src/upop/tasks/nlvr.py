@@ -1,9 +1,11 @@
 """Visual reasoning on NLVR2: two images, one statement, true or false (paper section 5, "NLVR2").
 
-Model: upop.models.nlvr.BlipForNLVR (a preset, or a BLIP checkpoint folder with a fresh
-head). The statement's first token is BLIP's [ENC], as in BLIP's NLVR model. Loss: plain
-cross-entropy on the two logits (the paper's; train.label_smoothing is not used). Metric:
-accuracy in percent on dev (`val`, checkpoint selection) and test.
+Model: the paper's twin-branch `BlipNLVRTwinModel` from BLIP's official NLVR2 checkpoint (model.name:
+`model_base_nlvr.pth`, a `.safetensors` of it, or a folder holding it; model.tokenizer: a BERT or BLIP
+tokenizer folder), or a `*-blip-nlvr-twin` preset; or the single-branch `BlipForNLVR` (a preset, or a
+Hugging Face BLIP checkpoint folder with a fresh head). The statement's first token is BLIP's
+[ENC], as in BLIP's NLVR model. Loss: plain cross-entropy on the two logits (the paper's;
+train.label_smoothing is not used). Metric: accuracy in percent on dev (`val`, checkpoint selection) and test.
 
 Data: data.format nlvr2 (the official JSON-lines files, data.root = image root, data.train /
 val / test = train.json / dev.json / test1.json), or openmoji (the OpenMoji-derived statements of
@@ -25,14 +27,17 @@ from ..data.nlvr2 import NLVR2Dataset
 from ..data.openmoji_nlvr import SPLITS as OPENMOJI_NLVR_SPLITS
 from ..data.openmoji_nlvr import build_openmoji_nlvr
 from ..metrics import accuracy
-from ..models import hub_tokenizer, require_model_type
+from ..models import BuiltModel, hub_tokenizer, require_model_type
+from ..models.blip_nlvr import BlipNLVRTwinModel
 from ..models.nlvr import BlipForNLVR, from_blip_checkpoint
+from ..models.official import NLVR_FILE, load_official_nlvr, official_file
 from ..runconfig import ConfigError, RunConfig
+from ._recipe import Recipe
 from .base import Task, evaluating, openmoji_source, register_task
 
 
 @register_task
-class NLVRTask(Task):
+class NLVRTask(Recipe, Task):
     name = "nlvr"
     metric = "accuracy"
     formats = ("openmoji", "nlvr2")
@@ -43,9 +48,19 @@ class NLVRTask(Task):
         require_model_type(cls.name, config, source, "blip", "BLIP")
         return from_blip_checkpoint(source, **kwargs), hub_tokenizer(source, **kwargs)
 
+    @classmethod
+    def load_model(cls, model_cfg: Any, image_size: int, num_labels: int | None = None) -> BuiltModel:
+        """BLIP's official NLVR2 checkpoint (model.name a .pth / .safetensors file or a folder holding
+        model_base_nlvr.pth), else a preset or a Hugging Face BLIP folder."""
+        path = official_file(model_cfg.name, NLVR_FILE)
+        if path is not None:
+            return load_official_nlvr(path, image_size, model_cfg.tokenizer)
+        return super().load_model(model_cfg, image_size, num_labels)
+
     def check_model(self, model: nn.Module) -> None:
-        if not isinstance(model, BlipForNLVR):
-            raise ConfigError(f"task nlvr needs a BlipForNLVR model, got {type(model).__name__}")
+        if not isinstance(model, (BlipNLVRTwinModel, BlipForNLVR)):
+            raise ConfigError(f"task nlvr needs a BlipForNLVR model or the paper's BlipNLVRTwinModel, "
+                              f"got {type(model).__name__}")
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)

@@ -10,6 +10,11 @@ data.image_size (aspect kept), windows of image_size x image_size slide over the
 "sliding window 512/512", and the logits are upsampled bilinearly to the annotation's size.
 segmentation.multiscale: short sides image_size x (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), each also flipped
 horizontally; the 12 logit maps are averaged at the original size.
+
+Model: a preset, a Hugging Face ViT folder (encoder; new decoder), or the paper's start, an official
+Segmenter checkpoint (model.name: rstrudel/segmenter's `checkpoint.pth`, a `.safetensors` of it, or
+a folder holding it with its variant.yml), converted by `segmenter_from_official_state_dict`. The
+paper's optimiser is SGD with polynomial decay: `train.optimizer: sgd`, `train.schedule: poly`.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from torchvision.transforms import functional as TF
 from ..data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from ..data.openmoji_seg import SPLIT_FOLDERS, build_openmoji_seg, class_names
 from ..metrics.segmentation import IGNORE_INDEX, confusion_matrix, segmentation_metrics
-from ..models import require_model_type
+from ..models import BuiltModel, require_model_type
+from ..models.official import SEGMENTER_FILE, load_official_segmenter, official_file
 from ..models.segmenter import SegmenterForSemanticSegmentation, from_vit, segmentation_loss
 from ..runconfig import ConfigError, RunConfig
+from ._recipe import Recipe
 from .base import Mapped, Task, evaluating, openmoji_source, register_task
 
 MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -46,12 +53,22 @@ class SegmentationOptions:
 
 
 @register_task
-class SegmentationTask(Task):
+class SegmentationTask(Recipe, Task):
     name = "segmentation"
     metric = "miou"
     formats = ("openmoji", "ade20k")
     Options = SegmentationOptions
     options: SegmentationOptions
+    image_transforms = False  # TrainTransform moves the image and its label map together
+
+    @classmethod
+    def load_model(cls, model_cfg: Any, image_size: int, num_labels: int | None = None) -> BuiltModel:
+        """An official Segmenter checkpoint (model.name a .pth / .safetensors file, or a folder holding
+        checkpoint.pth), else a preset or a Hugging Face ViT folder."""
+        path = official_file(model_cfg.name, SEGMENTER_FILE)
+        if path is not None:
+            return load_official_segmenter(path, image_size)
+        return super().load_model(model_cfg, image_size, num_labels)
 
     @classmethod
     def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:

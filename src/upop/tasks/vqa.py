@@ -6,7 +6,11 @@ label smoothing summed over its tokens, weighted by the fraction of annotators w
 answer, summed and divided by the number of questions. HF's forward has no per-answer weights, so
 the loss is computed here from the model's three submodules.
 
-Settings: the `vqa:` section (`VQAOptions`: answer_list, k_answers). Inference is the paper's
+Settings: the `vqa:` section (`VQAOptions`: answer_list, k_answers, vg_root, select). data.train may
+list several files read as one training set (VQAv2 train + val questions and BLIP's vg_qa.json,
+as the paper; Visual Genome images under vqa.vg_root, answers weighted 0.2). `vqa.select: last`
+keeps the last retraining epoch instead of the best on validation (the paper: its val questions
+are training data; test-dev is scored by the server). Inference is the paper's
 "rank" mode: the top `vqa.k_answers` of the answer list by the
 probability of their first token, re-ranked by the log-likelihood of the whole answer. The metric
 is the VQAv2 accuracy (percent), computed locally; each evaluated split also leaves the result file
@@ -35,6 +39,7 @@ from ..metrics import vqa_accuracy
 from ..models import hub_tokenizer, require_model_type
 from ..models.blip import BLIP_CLASSES
 from ..runconfig import ConfigError, RunConfig
+from ._recipe import Recipe
 from .base import Task, evaluating, loss_in_forward, openmoji_source, register_task
 
 _LOGIT_BUDGET = 1 << 24  # vocabulary logits materialised at once while re-ranking (64 MB in fp32)
@@ -46,14 +51,18 @@ class VQAOptions:
 
     answer_list: str | None = None  # JSON list of candidate answers (default: the training answers)
     k_answers: int = 128  # answers ranked by first-token probability, re-ranked by likelihood
+    vg_root: str | None = None  # Visual Genome image root, for "vg" entries of BLIP-style training files
+    select: str = "best"  # retraining keeps the best epoch on validation, or the "last" (the paper)
 
     def validate(self) -> None:
         if self.k_answers < 1:
             raise ConfigError("vqa.k_answers must be >= 1")
+        if self.select not in ("best", "last"):
+            raise ConfigError(f"vqa.select must be best or last, got {self.select!r}")
 
 
 @register_task
-class VQATask(Task):
+class VQATask(Recipe, Task):
     name = "vqa"
     metric = "accuracy"
     formats = ("openmoji", "vqav2")
@@ -80,11 +89,16 @@ class VQATask(Task):
             files = {s: (questions_file(root, s), annotations_file(root, s)) for s in ("train", "val", "test")}
             pattern = str(root / IMAGE_PATTERN)
         else:
-            files = {s: split_files(getattr(data, s)) for s in ("train", "val", "test")}
+            files = {s: split_files(getattr(data, s)) for s in ("val", "test")}
+            files["train"] = (data.train, None) if isinstance(data.train, list) else split_files(data.train)
             pattern = image_pattern(data.root)
         bad = data.on_bad_input
         # every file is parsed and checked before the model is built
-        self._train = VQAv2Dataset(files["train"][0], pattern, files["train"][1], on_bad_input=bad, train=True)
+        folder = data.format == "vqav2" and data.root and "{image_id" not in data.root
+        vqa_root = Path(data.root).expanduser() if folder else None
+        vg_root = Path(self.options.vg_root).expanduser() if self.options.vg_root else None
+        self._train = VQAv2Dataset(files["train"][0], pattern, files["train"][1], on_bad_input=bad, train=True,
+                                   vqa_root=vqa_root, vg_root=vg_root)
         self._eval = {s: VQAv2Dataset(files[s][0], pattern, files[s][1], on_bad_input=bad, train=False,
                                       require_answers=s == "val") for s in ("val", "test")}
         self.answer_list = (read_answer_list(self.options.answer_list) if self.options.answer_list
@@ -102,6 +116,9 @@ class VQATask(Task):
 
     def train_dataset(self) -> Dataset:
         return self._train_view
+
+    def select_on_validation(self) -> bool:
+        return self.options.select == "best"
 
     # ---- batches --------------------------------------------------------------------------------
     def _tokens(self, texts: list[str], first: int) -> dict[str, torch.Tensor]:
