@@ -298,10 +298,13 @@ def test_local_blip_folder_loads_as_blip_retrieval(karpathy, tmp_path):
 
 def test_two_processes_train_through_the_ddp_wrapper(karpathy, tmp_path):
     """Under torchrun the loss runs inside DistributedDataParallel's forward: the run completes and
-    both ranks take the same pruning decision."""
+    both ranks take the same pruning decision. With the paper's recipe on: the momentum queue
+    gathers every process's features, ITM negatives come from both processes' batches (a
+    gather with gradient inside DDP's forward) and the learnable temperature gets its gradient."""
     out = tmp_path / "ddp"
     config = _config(karpathy, out)
     config["train"].update(batch_size=3, dense_epochs=0)
+    config["retrieval"].update(momentum_distill=True, queue_size=12, learn_temperature=True, negative_all_rank=True)
     config["eval"]["skip_latency"] = True
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -339,3 +342,103 @@ def test_text_encoder_initialised_from_bert_computes_what_bert_computes():
     assert (expected - got).abs().max() < 1e-5
     words = blip.text_encoder.embeddings.word_embeddings.weight
     assert torch.equal(words[tok.enc_token_id], bert.embeddings.word_embeddings.weight[tok.cls_token_id])
+
+
+# ---- the paper's recipe: ITM negatives from every process, the options end to end ----------------------
+_VARIED = ["a red circle", "green", "a big blue square in the corner", "black", "purple thing",
+           "an orange circle next to a small square"]
+
+
+def _argmax_negatives(sim, image_ids, generator=None, column_ids=None, offset=0):
+    """The most similar column of another image: the draw made deterministic, so that one and two
+    processes pick the same negatives."""
+    columns = image_ids if column_ids is None else column_ids
+    return sim.float().masked_fill(image_ids[:, None] == columns[None, :], float("-inf")).argmax(1)
+
+
+def _itm_loss_and_grads(rank: int, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ITM loss (negative_all_rank) and gradients of this process's share of one 6-pair batch;
+    each share is padded to its own longest caption, as the collate function does."""
+    model, tok = _tiny_model(seed=3)
+    tokens = tok(_VARIED, padding="longest", return_tensors="pt")
+    g = torch.Generator().manual_seed(3)
+    batch = {"pixel_values": torch.randn(6, 3, 16, 16, generator=g), "input_ids": tokens["input_ids"],
+             "attention_mask": tokens["attention_mask"], "image_ids": torch.arange(6) // 2}
+    share = slice(rank * 6 // world, (rank + 1) * 6 // world)
+    part = {k: v[share] for k, v in batch.items()}
+    length = int(part["attention_mask"].sum(1).max())
+    part["input_ids"], part["attention_mask"] = part["input_ids"][:, :length], part["attention_mask"][:, :length]
+    _, itm = itc_itm_losses(model, **part, enc_token_id=tok.enc_token_id, negative_all_rank=True)
+    itm.backward()
+    return itm.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _gathered_negatives_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from upop.tasks import blip_itm
+
+    torch.set_num_threads(1)
+    blip_itm.sample_hard_negatives = _argmax_negatives
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loss, grads = _itm_loss_and_grads(rank, world)
+        for tensor in [loss, *grads.values()]:  # what DistributedDataParallel averages
+            dist.all_reduce(tensor)
+            tensor /= world
+        if rank == 0:
+            save_file({"loss": loss.reshape(1), **grads}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_itm_negatives_from_every_process_match_one_process(tmp_path, monkeypatch):
+    """negative_all_rank: two processes with half the batch each (captions padded differently)
+    give the ITM loss and gradients of one process with the whole batch, given the same
+    negatives: image states are gathered with their gradient, captions gathered and padded."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from upop.tasks import blip_itm
+
+    out = tmp_path / "two.safetensors"
+    mp.spawn(_gathered_negatives_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    two = load_file(out)
+    monkeypatch.setattr(blip_itm, "sample_hard_negatives", _argmax_negatives)
+    loss, grads = _itm_loss_and_grads(0, 1)
+    assert float(two.pop("loss")) == pytest.approx(float(loss), abs=1e-5)
+    assert two.keys() == grads.keys() and "vision_model.embeddings.patch_embedding.weight" in grads
+    for name, grad in grads.items():
+        assert torch.allclose(two[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_paper_recipe_end_to_end(karpathy, tmp_path):
+    """momentum_distill + learn_temperature + negative_all_rank through compress -> evaluate: the
+    model saved is a BlipForRetrievalWithTemp and reloads to the same recalls."""
+    out = tmp_path / "run"
+    config = _config(karpathy, out)
+    config["retrieval"].update(momentum_distill=True, queue_size=8, learn_temperature=True, negative_all_rank=True)
+    config["train"].update(dense_epochs=0)
+    config["eval"]["skip_latency"] = True
+    cfg = _load(tmp_path, config)
+    metrics = pipeline.run_compress(cfg)
+    assert json.loads((out / "model" / "upop_model.json").read_text())["class"] == "BlipForRetrievalWithTemp"
+    reloaded = upop.from_pretrained(out / "model")
+    assert 0.001 <= float(reloaded.temp.detach()) <= 0.5
+    again = pipeline.run_evaluate(cfg, out / "model")
+    assert again["metrics"] == pytest.approx(metrics["compressed"]["metrics"], abs=1e-6)
+
+
+def test_local_folder_with_learned_temperature_keeps_it(karpathy, tmp_path):
+    from upop.models.blip import with_learned_temperature
+
+    model, tok = _tiny_model(image_size=32)
+    model = with_learned_temperature(model)
+    with torch.no_grad():
+        model.temp.fill_(0.2)
+    folder = tmp_path / "blip-temp"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    task = make_task(_load(tmp_path, _config(karpathy, tmp_path / "o", model={"name": str(folder)})))
+    assert type(task.model).__name__ == "BlipForRetrievalWithTemp" and task.model.temp.item() == pytest.approx(0.2)
