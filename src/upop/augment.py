@@ -77,7 +77,8 @@ class BlipRandAugment(T.RandAugment):
                          interpolation=T.InterpolationMode.BILINEAR, fill=BLIP_FILL)
 
     def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict[str, tuple[torch.Tensor, bool]]:
-        enhance = torch.linspace(-0.9, 0.9, num_bins)  # factor - 1 = 1.8 * level/10 - 0.9, unsigned
+        # BLIP's enhance factor (level / 10) * 1.8 + 0.1, as torchvision's "1 + magnitude", unsigned
+        enhance = torch.tensor([(i / (num_bins - 1)) * 1.8 + 0.1 - 1 for i in range(num_bins)])
         return {
             "Identity": (torch.tensor(0.0), False),
             "AutoContrast": (torch.tensor(0.0), False),
@@ -212,7 +213,7 @@ def _vision_layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         kind = type(module[0]).__name__
         if kind == "Block" and hasattr(module[0], "drop_path1"):  # a timm ViT's `blocks`
             found.append((name, module))
-        elif kind in _BRANCH_ENDS and name.endswith(("encoder.layer", "encoder.layers")):
+        elif kind in _BRANCH_ENDS and name.rsplit(".", 1)[-1] in ("layer", "layers"):
             if kind in ("CLIPEncoderLayer", "SiglipEncoderLayer") and "vision" not in name:
                 continue  # the same layer class serves CLIP's text tower
             found.append((name, module))
