@@ -81,6 +81,10 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def remove(self, name: str) -> T | None:
+        """Take `name` out again (a plugin unloaded, a test's toy entry); returns its entry or None."""
+        return self._entries.pop(name, None)
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
 
@@ -89,3 +93,21 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+# The model classes built outside transformers (this project's twin-branch NLVR2 BLIP, Segmenter, a user's
+# own), so that `upop.from_pretrained` rebuilds them by class name as transformers' own classes. The
+# engine owns the table; the modules named in ARCHITECTURE_PROVIDERS fill it when imported, and are
+# imported on the first look-up that misses (a fresh process that loads a folder before anything else).
+ARCHITECTURES: Registry[type] = Registry("architecture")
+ARCHITECTURE_PROVIDERS: list[str] = ["upop.models"]
+
+
+def architecture(name: str) -> type | None:
+    """The registered class called `name`, importing the providers once if needed; None if unknown."""
+    if name not in ARCHITECTURES:
+        import importlib
+
+        for module in ARCHITECTURE_PROVIDERS:
+            importlib.import_module(module)
+    return ARCHITECTURES.get(name)

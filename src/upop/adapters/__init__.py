@@ -11,23 +11,18 @@ import warnings
 
 from torch import nn
 
+from ..registry import Registry
 from ..structures import Structure
-from . import bert, blip, clip_vit, open_clip, timm_vit
-from ._shape import layer_index, modality_of  # noqa: F401  (re-exported)
 
-ADAPTERS = (clip_vit, bert, blip, timm_vit, open_clip)
+# family name -> adapter: an object (usually the adapter's module) with `find(model, path, module)`,
+# optionally `make_sliceable(model)` and `SUPPORTS` (lines for SUPPORTED_FAMILIES). Each adapter module
+# registers itself on its last line; a user's own family registers the same way.
+FAMILIES: Registry = Registry("model family")
 
-SUPPORTED_FAMILIES = (
-    "Hugging Face CLIPModel / CLIPVisionModel / CLIPTextModel",
-    "SiglipModel (vision and text towers; the attention-pooling head stays unpruned)",
-    "ViTModel / ViTForImageClassification",
-    "DeiT (DeiTModel, DeiTForImageClassification[WithTeacher])",
-    "BERT-style encoders (BertModel, BlipTextModel, with self- and cross-attention)",
-    "BLIP (BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipForConditionalGeneration)",
-    "VisionTextDualEncoderModel with supported towers",
-    "timm VisionTransformer (ViT, DeiT, DeiT distilled; qk_norm with granularity='head')",
-    "open_clip models with transformer towers (nn.MultiheadAttention is swapped for an equivalent)",
-)
+from . import bert, blip, clip_vit, open_clip, timm_vit  # noqa: E402,F401  (each registers itself)
+from ._shape import layer_index, modality_of  # noqa: E402,F401  (re-exported)
+
+SUPPORTED_FAMILIES = tuple(line for _, adapter in FAMILIES.items() for line in getattr(adapter, "SUPPORTS", ()))
 
 
 class UnsupportedModelError(ValueError):
@@ -37,7 +32,7 @@ class UnsupportedModelError(ValueError):
 def make_sliceable(model: nn.Module) -> nn.Module:
     """Swap, in place, the modules that cannot run at a smaller width for equivalent ones of the
     same outputs (open_clip's nn.MultiheadAttention); returns `model`. discover() calls it."""
-    for adapter in ADAPTERS:
+    for _, adapter in FAMILIES.items():
         if hasattr(adapter, "make_sliceable"):
             adapter.make_sliceable(model)
     return model
@@ -49,12 +44,12 @@ def discover(model: nn.Module) -> list[Structure]:
     make_sliceable(model)
     found: list[Structure] = []
     for path, module in model.named_modules():
-        for adapter in ADAPTERS:
+        for _, adapter in FAMILIES.items():
             found.extend(adapter.find(model, path, module))
     if not found:
         raise UnsupportedModelError(
             f"upop found no prunable attention or MLP structure in {type(model).__name__}. "
-            "Supported families: " + "; ".join(SUPPORTED_FAMILIES) + "."
+            "Supported families: " + "; ".join(_supported()) + "."
         )
     _warn_unclaimed(model, found)
     names = [s.name for s in found]
@@ -76,3 +71,8 @@ def _warn_unclaimed(model: nn.Module, found: list[Structure]) -> None:
             "it is left unpruned",
             stacklevel=3,
         )
+
+
+def _supported() -> tuple[str, ...]:
+    """The built-in families' lines, plus the name of every family registered later."""
+    return tuple(line for name, adapter in FAMILIES.items() for line in getattr(adapter, "SUPPORTS", (name,)))

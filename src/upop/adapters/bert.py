@@ -13,12 +13,18 @@ MLP: `<layer>.intermediate.dense` -> activation -> `<layer>.output.dense`.
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from ..structures import Structure
+from . import FAMILIES
 from ._shape import layer_index, linear, mlp_structure, modality_of, set_head_attributes
 
 FAMILY = "bert"
+SUPPORTS = (
+    "BERT-style encoders (BertModel, BlipTextModel, with self- and cross-attention; BLIP NLVR2 twin branches)",
+)  # what `upop.SUPPORTED_FAMILIES` lists
 
 
 def _parent(model: nn.Module, path: str) -> nn.Module:
@@ -74,3 +80,6 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
             return []
         return [mlp_structure(path, module.dense, fc2, FAMILY, "text")]
     return []
+
+
+FAMILIES.add(FAMILY, sys.modules[__name__])  # how upop sees this family: find (+ make_sliceable)

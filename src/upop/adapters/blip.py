@@ -9,13 +9,19 @@ the same computation, reading its shape from attributes. The scale stays the ori
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from ..structures import Structure
+from . import FAMILIES
 from ._shape import layer_index, mlp_structure, modality_of
 
 FAMILY = "blip_vision"
+SUPPORTS = (
+    "BLIP (BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipForConditionalGeneration)",
+)  # what `upop.SUPPORTED_FAMILIES` lists
 
 
 class PrunableBlipAttention(nn.Module):
@@ -74,3 +80,6 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
     if cls == "BlipMLP":
         return [mlp_structure(path, module.fc1, module.fc2, FAMILY, "vision")]
     return []
+
+
+FAMILIES.add(FAMILY, sys.modules[__name__])  # how upop sees this family: find (+ make_sliceable)

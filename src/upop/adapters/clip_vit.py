@@ -8,12 +8,22 @@ MLP: `fc1` -> activation -> `fc2`.
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from ..structures import Structure
+from . import FAMILIES
 from ._shape import layer_index, linear, mlp_structure, modality_of, set_head_attributes
 
 FAMILY = "clip_vit"
+SUPPORTS = (
+    "Hugging Face CLIPModel / CLIPVisionModel / CLIPTextModel",
+    "SiglipModel (vision and text towers; the attention-pooling head stays unpruned)",
+    "ViTModel / ViTForImageClassification",
+    "DeiT (DeiTModel, DeiTForImageClassification[WithTeacher])",
+    "VisionTextDualEncoderModel with supported towers",
+)  # what `upop.SUPPORTED_FAMILIES` lists
 ATTENTION_CLASSES = {"CLIPAttention", "SiglipAttention", "ViTAttention", "DeiTAttention"}
 MLP_CLASSES = {"CLIPMLP", "SiglipMLP", "ViTMLP", "DeiTMLP"}
 _VISION_ONLY = {"ViTAttention", "DeiTAttention", "ViTMLP", "DeiTMLP"}
@@ -45,3 +55,6 @@ def find(model: nn.Module, path: str, module: nn.Module) -> list[Structure]:
     if cls in MLP_CLASSES:
         return [mlp_structure(path, module.fc1, module.fc2, FAMILY, default)]
     return []
+
+
+FAMILIES.add(FAMILY, sys.modules[__name__])  # how upop sees this family: find (+ make_sliceable)

@@ -10,6 +10,7 @@ MLP: the block's `mlp` Sequential `c_fc` -> activation -> `c_proj`.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -17,9 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..structures import Structure
+from . import FAMILIES
 from ._shape import layer_index, mlp_structure, modality_of
 
 FAMILY = "open_clip"
+SUPPORTS = (
+    "open_clip models with transformer towers (nn.MultiheadAttention is swapped for an equivalent)",
+)  # what `upop.SUPPORTED_FAMILIES` lists
 
 
 class PrunableMultiheadAttention(nn.Module):
@@ -178,3 +183,6 @@ def describe(model: nn.Module, base: dict[str, tuple[int, int, int]]) -> list[di
     if isinstance(preprocess, dict):
         desc["preprocess_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}
     return [desc]
+
+
+FAMILIES.add(FAMILY, sys.modules[__name__])  # how upop sees this family: find (+ make_sliceable)

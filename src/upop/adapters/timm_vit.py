@@ -11,14 +11,19 @@ MLP: `timm.layers.Mlp` (fc1 -> act -> norm -> fc2) with an identity norm.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import nn
 
 from ..structures import Structure, UnsupportedStructureError
+from . import FAMILIES
 from ._shape import layer_index, mlp_structure, modality_of
 
 FAMILY = "timm_vit"
+SUPPORTS = (
+    "timm VisionTransformer (ViT, DeiT, DeiT distilled; qk_norm with granularity='head')",
+)  # what `upop.SUPPORTED_FAMILIES` lists
 
 
 def _is_timm(module: nn.Module) -> bool:
@@ -133,3 +138,6 @@ def describe(model: nn.Module, base: dict[str, tuple[int, int, int]]) -> list[di
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = [cfg.get("architecture"), _CANONICAL[cls]]
     return [{"name": n, "kwargs": kwargs} for i, n in enumerate(names) if isinstance(n, str) and n not in names[:i]]
+
+
+FAMILIES.add(FAMILY, sys.modules[__name__])  # how upop sees this family: find (+ make_sliceable)

@@ -14,7 +14,7 @@ import transformers as tf
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..registry import Registry
+from ..registry import ARCHITECTURES, Registry
 from ..runconfig import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,7 +57,6 @@ class Preset(NamedTuple):
 
 
 PRESETS: Registry[Preset] = Registry("model.preset", error=ConfigError)
-ARCHITECTURES: Registry[type[PreTrainedModel]] = Registry("architecture")
 
 
 def add_presets(entries: dict[str, tuple[str, Callable[[int, int | None], BuiltModel], str]]) -> None:
