@@ -24,6 +24,7 @@ import yaml
 
 from .config import UPopConfig
 from .data._common import BAD_INPUT_MODES
+from .tracking import LogConfig, TrackingError, check_log_config
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,7 @@ class RunConfig:
     upop: UPopSection = field(default_factory=UPopSection)  # UPopConfig's fields except total_steps
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # experiment tracking (upop.tracking)
     # the task's own section (YAML key: the task's name), an instance of its task's `Options`
     task_options: Any = None
 
@@ -366,6 +368,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             bad(f"eval.latency_batches entries must be in [1, {MAX_LATENCY_BATCH}], got {b}")
     if e.latency_repeats < 1:
         bad("eval.latency_repeats must be >= 1")
+    try:
+        check_log_config(cfg.log)
+    except TrackingError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.task_options is not None:
         check = getattr(cfg.task_options, "validate", None)
         if check is not None:

@@ -54,10 +54,12 @@ def require_finite(model: nn.Module, what: str) -> None:
 
 
 def config_hash(cfg: RunConfig | dict[str, Any]) -> str:
-    """What identifies a run's training: its config less output_dir and eval (measuring differently
-    does not change the run)."""
+    """What identifies a run's training: its config less output_dir, eval and log (measuring or
+    tracking differently does not change the run; `log` is dropped, not blanked, so the hash of a
+    run recorded before the section existed is unchanged)."""
     relevant = dict(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg)
     relevant.pop("output_dir", None)
+    relevant.pop("log", None)
     relevant["eval"] = None
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
