@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--output-dir", help="overrides the config's output_dir")
     compress.add_argument("--overwrite", action="store_true",
                           help="start afresh in an output folder that holds another run")
+    compress.add_argument("--dry-run", action="store_true",
+                          help="prove the config at its real size offline (random weights, synthetic data in its "
+                               "format): 2 search steps, compression, 1 retraining step; memory and time (upop.dryrun)")
+    compress.add_argument("--dry-run-scale", choices=["full", "tiny"], default="full",
+                          help="tiny: every width, depth and image size shrunk (a quick check of the path)")
     compress.add_argument("overrides", nargs="*", help="key.sub=value, e.g. upop.target=0.75 train.lr=1e-4")
 
     evaluate = sub.add_parser("evaluate", parents=[common],
@@ -148,6 +153,11 @@ def _run(args: argparse.Namespace) -> int:
         with resources.as_file(resources.files("upop.configs") / DEMO_CONFIG) as path:
             cfg = load_run_config(Path(path), overrides)
         _compress(cfg, args.overwrite)
+        return 0
+    if args.command == "compress" and args.dry_run:  # the config's own output_dir is never touched
+        from .dryrun import main as dry_run
+
+        dry_run(args.config, overrides, scale=args.dry_run_scale)
         return 0
     cfg = load_run_config(args.config, overrides)
     if args.command == "compress":
