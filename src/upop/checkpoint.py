@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .adapters import discover
 from .adapters import open_clip as open_clip_adapter
 from .adapters import timm_vit as timm_adapter
 from .compress import apply_plan
-from .files import atomic_folder, check_finite, write_json
+from .files import atomic_folder, atomic_write, check_finite, write_json
 from .masks import is_masked
 from .plan import PlanError, PruningPlan, StructurePlan
 from .structures import Structure
@@ -42,6 +43,13 @@ FORMAT_VERSION = 2  # 2: the weights' SHA-256 is recorded and checked; 1 (no has
 META_FILE = "upop_model.json"
 PLAN_FILE = "upop_plan.json"
 WEIGHTS_FILE = "model.safetensors"
+# what a transformers tokenizer / image processor / processor writes: the only files `processor=` adds
+PROCESSOR_FILES = frozenset({
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "chat_template.json", "chat_template.jinja",
+})
 _META_KEYS = {"format", "version", "library", "class", "name", "kwargs", "fused_attn", "weights_sha256",
               "preprocess_cfg"}
 
@@ -308,10 +316,10 @@ def create_model(library: str, name: str, **kwargs: Any) -> nn.Module:
 def _build_transformers(meta: dict[str, Any], folder: Path) -> nn.Module:
     import transformers
 
-    from .models import ARCHITECTURES  # project-built classes (NLVR2, Segmenter), registered by name
+    from .registry import architecture  # project-built classes (NLVR2, Segmenter), by name
 
     name = meta.get("class")
-    cls = (ARCHITECTURES.get(name) or getattr(transformers, name, None)) if isinstance(name, str) else None
+    cls = (architecture(name) or getattr(transformers, name, None)) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"{folder}: {str(name)[:80]!r} is not a transformers model class")
     path = folder / "config.json"
@@ -339,15 +347,53 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---- processor / tokenizer files -----------------------------------------------------------------------
+def processor_files(processor: Any, what: str = "save_pretrained") -> dict[str, bytes]:
+    """The processor / tokenizer files (name -> bytes) of `processor`: an object with
+    `.save_pretrained(dir)` (a tokenizer, image processor or processor), or the path of a folder
+    whose files named in PROCESSOR_FILES are taken. Read into memory first, so that anything else
+    is refused with one line before a byte of the model folder is written."""
+    if isinstance(processor, (str, os.PathLike)):
+        source = Path(processor).expanduser()
+        if not source.is_dir():
+            raise CheckpointError(f"{what}: processor folder not found: {source}")
+        found = {p.name: p.read_bytes() for p in sorted(source.iterdir()) if p.name in PROCESSOR_FILES and p.is_file()}
+        if not found:
+            raise CheckpointError(f"{what}: {source} holds no processor or tokenizer files "
+                                  "(preprocessor_config.json, tokenizer.json, vocab.txt, ...)")
+        return found
+    if isinstance(processor, nn.Module) or not callable(getattr(processor, "save_pretrained", None)):
+        raise CheckpointError(f"{what}: processor= takes a tokenizer, image processor or processor (an object with "
+                              f"save_pretrained) or a folder of their files, not {type(processor).__name__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            processor.save_pretrained(tmp)
+        except Exception as exc:  # the processor's own code fails in its own ways
+            raise CheckpointError(f"{what}: {type(processor).__name__}.save_pretrained failed: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+        root = Path(tmp)
+        written = sorted(root.rglob("*"))
+        other = next((p for p in written if p.parent != root or not p.is_file() or p.name not in PROCESSOR_FILES), None)
+        if other is not None:  # never let a processor replace the model's files or add unknown ones
+            raise CheckpointError(f"{what}: {type(processor).__name__} writes {other.relative_to(root)}, "
+                                  "which is not a processor or tokenizer file upop keeps")
+        if not written:
+            raise CheckpointError(f"{what}: {type(processor).__name__}.save_pretrained wrote no files")
+        return {p.name: p.read_bytes() for p in written}
+
+
 # ---- public API -----------------------------------------------------------------------------------------
 def save_pretrained(model: nn.Module, folder: str | os.PathLike, build: dict[str, Any] | None = None,
-                    what: str = "save_pretrained") -> Path:
+                    what: str = "save_pretrained", processor: Any = None) -> Path:
     """Write `model` (pruned or not) to `folder`. Files appear only when all are written, and
     only for a finite model whose description rebuilds it exactly.
 
     build: optional extra description to try for a timm / open_clip model
     ({"library", "name", "kwargs"}); usually the description is read from the model itself.
     what: names the saved thing in errors (e.g. "retrain: best model").
+    processor: the model's tokenizer, image processor or processor (anything with
+    `.save_pretrained(dir)`), or the folder the model came from: its processor / tokenizer files
+    (PROCESSOR_FILES) go into the folder, so `AutoProcessor.from_pretrained(folder)` works.
     """
     folder = Path(folder)
     if is_masked(model):
@@ -366,6 +412,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, build: dict[str
             raise CheckpointError(f"{name}: the model's width ({width}) does not match its plan "
                                   f"({len(sp.kept)} kept); was it modified after compression?")
     check_finite(model.state_dict(), what)
+    extra = processor_files(processor, what) if processor is not None else {}
     if library == "transformers":
         description: dict[str, Any] = {"library": "transformers", "class": type(model).__name__}
     else:
@@ -375,6 +422,8 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, build: dict[str
             model.config.save_pretrained(staging)
         save_model(model, str(staging / WEIGHTS_FILE))
         plan.save(staging / PLAN_FILE)
+        for name, data in extra.items():
+            atomic_write(staging / name, lambda f, data=data: f.write(data))
         write_json(staging / META_FILE, {"format": "upop-model", "version": FORMAT_VERSION, **description,
                                          "weights_sha256": _sha256(staging / WEIGHTS_FILE)})
     return folder
