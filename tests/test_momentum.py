@@ -28,9 +28,10 @@ from upop.tasks.retrieval_momentum import (
 )
 
 
-def _task(karpathy_root, tmp_path, preset: str = "tiny-dual", **options):
+def _task(karpathy_root, tmp_path, preset: str = "tiny-dual", train: dict | None = None, **options):
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = _config(karpathy_root, tmp_path / "out", model={"preset": preset})
+    config["train"].update(train or {})
     config["retrieval"] = {"k_test": 3, "momentum_distill": True, "queue_size": 4, **options}
     config["data"]["image_size"] = 16
     return make_task(_load(tmp_path, config))
@@ -266,3 +267,18 @@ def test_extra_state_resumes_momentum_and_queue(karpathy, tmp_path):  # noqa: F8
     other = _task(karpathy, tmp_path / "c", queue_size=7)
     with pytest.raises(ValueError, match="queue_size is 7"):
         other.load_extra_state(state)
+
+
+def test_teacher_has_neither_masks_nor_drop_path(karpathy, tmp_path):  # noqa: F811
+    """train.drop_path adds stochastic depth hooks to the model (kept when learn_temperature turns
+    it into a BlipForRetrievalWithTemp, in place); the momentum copy has none, as the paper's."""
+    from upop.augment import DropPathHook
+
+    def drop_paths(m):
+        return sum(isinstance(h, DropPathHook) for mod in m.modules() for h in mod._forward_hooks.values())
+
+    task = _task(karpathy, tmp_path, preset="tiny-blip-retrieval", train={"drop_path": 0.1}, learn_temperature=True)
+    model = task.model.train()
+    assert isinstance(model, BlipForRetrievalWithTemp) and drop_paths(model) > 0
+    task.loss(model, _batches(task, 4, 1)[0])
+    assert drop_paths(task.momentum.model) == 0

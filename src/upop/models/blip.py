@@ -83,15 +83,16 @@ class BlipForRetrievalWithTemp(tf.BlipForImageTextRetrieval):
 
 
 def with_learned_temperature(model: tf.BlipForImageTextRetrieval) -> BlipForRetrievalWithTemp:
-    """The same weights in a BlipForRetrievalWithTemp (temp = 0.07); the model itself when it is one."""
+    """`model` itself, turned into a BlipForRetrievalWithTemp with temp = 0.07: in place, so its
+    weights are not copied and hooks on its modules (e.g. drop-path) stay."""
     if isinstance(model, BlipForRetrievalWithTemp):
         return model
-    out = BlipForRetrievalWithTemp(model.config)
-    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or set(missing) != {"temp"}:  # pragma: no cover - the subclass adds exactly `temp`
-        raise RuntimeError(f"BLIP retrieval weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if type(model) is not tf.BlipForImageTextRetrieval:
+        raise TypeError(f"a learnable temperature is for BlipForImageTextRetrieval, not {type(model).__name__}")
     p = next(model.parameters())
-    return out.to(device=p.device, dtype=p.dtype).train(model.training)
+    model.__class__ = BlipForRetrievalWithTemp  # a subclass whose only addition is `temp`
+    model.temp = nn.Parameter(torch.tensor(TEMP_INIT, device=p.device, dtype=p.dtype))
+    return model
 
 
 @torch.no_grad()

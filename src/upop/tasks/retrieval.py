@@ -34,6 +34,7 @@ from ..models import BuiltModel, hub_tokenizer
 from ..models.blip import BlipForRetrievalWithTemp, with_learned_temperature
 from ..plan import PruningPlan
 from ..runconfig import ConfigError, RunConfig
+from ._recipe import Recipe
 from .base import Task, evaluating, karpathy_splits, loss_in_forward, register_task, unwrap
 from .blip_itm import (
     ItcLoss,
@@ -86,7 +87,7 @@ def features(output: Any) -> torch.Tensor:
 
 
 @register_task
-class RetrievalTask(Task):
+class RetrievalTask(Recipe, Task):
     name = "retrieval"
     metric = "r_mean"
     formats = ("openmoji", "karpathy")

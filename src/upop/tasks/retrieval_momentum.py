@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..augment import DropPathHook
 from ..compress import apply_plan
 from ..plan import PlanError, PruningPlan, StructurePlan
 
@@ -178,11 +179,12 @@ class FeatureQueue:
 
 
 # ---- the momentum copy --------------------------------------------------------------------------------
-def _strip_mask_hooks(model: nn.Module) -> None:
-    """Remove UPop's mask hooks (a deep copy shares the search's hook functions)."""
+def _strip_hooks(model: nn.Module) -> None:
+    """Remove UPop's mask hooks (a deep copy shares the search's hook functions) and drop-path
+    (the paper's momentum towers have none)."""
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "upop_mask", False):
+            if getattr(hook, "upop_mask", False) or isinstance(hook, DropPathHook):
                 del module._forward_hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
@@ -219,7 +221,7 @@ class Momentum:
         """The momentum copy, made from `online` (unwrapped) on first use."""
         if self.model is None:
             model = copy.deepcopy(online)
-            _strip_mask_hooks(model)
+            _strip_hooks(model)
             for p in model.parameters():
                 p.requires_grad_(False)
                 p.grad = None
