@@ -20,7 +20,7 @@ from helpers import run_search
         ({"target": -0.2}, "target must be in"),
         ({"target": "half"}, "target must be a number"),
         ({"granularity": "channel"}, "granularity must be one of"),
-        ({"budget": "latency"}, "budget must be one of"),
+        ({"budget": "energy"}, "budget must be one of"),
         ({"total_steps": 0}, "total_steps"),
         ({"interval": 2.5}, "interval"),
         ({"min_units": 0}, "min_units"),
