@@ -21,7 +21,7 @@ import inspect
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 
@@ -35,8 +35,16 @@ _USAGE = [("upop.runconfig", "ConfigError"), ("upop.checkpoint", "CheckpointErro
           ("upop.data", "DataError"), ("upop.adapters", "UnsupportedModelError"), ("upop.export", "ExportError")]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as the one line every other failure gets (exit code 2), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"upop: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="upop", description="Unified and progressive pruning (UPop) of vision-language transformers.",
         epilog="exit codes: 0 done, 1 the work failed, 2 bad arguments or input (nothing started), "
                "130 interrupted. Errors are one line; --debug shows the traceback.")
@@ -111,8 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         code, message = _describe(exc)
-        print(f"upop: error: {message}", file=sys.stderr)
+        print(f"upop: error: {_printable(message)}", file=sys.stderr)
         return code
+
+
+def _printable(text: str) -> str:
+    """A file name that is not valid UTF-8 reaches Python as surrogate escapes; show the bytes
+    they stand for ("\\xff"), as the run's log does."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _describe(exc: Exception) -> tuple[int, str]:
@@ -164,7 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         _compress(cfg, args.overwrite)
     elif args.command == "evaluate":
         from .evaluate import print_table, run_evaluate
+        from .runconfig import ConfigError
 
+        if args.output and Path(args.output).expanduser().resolve() == Path(args.config).expanduser().resolve():
+            raise ConfigError(f"--output {args.output} is the run config itself; give another file")
         print_table(run_evaluate(cfg, args.model, split=args.split, output=args.output))
     elif args.command == "structures":
         from .adapters import discover

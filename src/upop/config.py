@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -9,6 +10,7 @@ GRANULARITIES = ("head_dim", "head")
 BUDGETS = ("params", "flops", "latency")
 LATENCY_RUNTIMES = ("torch", "onnxruntime")
 RANKINGS = ("global", "per_structure")
+MAX_LATENCY_BATCH = 65536  # the batch of the latency tables; larger would only exhaust memory
 
 
 @dataclass
@@ -88,10 +90,15 @@ class UPopConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(f"{name} must be an integer >= 1, got {value!r}")
+        if self.latency_batch > MAX_LATENCY_BATCH:
+            bad(f"latency_batch must be <= {MAX_LATENCY_BATCH}, got {self.latency_batch!r}")
         for name in ("sparsity_weight_attn", "sparsity_weight_mlp", "max_skipped_fraction"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                bad(f"{name} must be a number >= 0, got {value!r}")
+            # NaN compares False with everything: it would pass `< 0` and make every later check vacuous
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                bad(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.max_skipped_fraction > 1:
+            bad(f"max_skipped_fraction is a fraction of total_steps, in [0, 1], got {self.max_skipped_fraction!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

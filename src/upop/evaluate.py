@@ -109,6 +109,10 @@ def output_path(folder: Path, output: str | os.PathLike | None) -> Path:
     path = Path(output).expanduser() if output else folder / RESULT_FILE
     if path.is_dir():
         raise ConfigError(f"--output {path} is a directory; give a file name, e.g. {path / RESULT_FILE}")
+    # never onto the model's own files (weights, plan, config), however the path reaches them (.., links)
+    if path.resolve() != (folder / RESULT_FILE).resolve() and path.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(f"--output {path} is inside the model folder {folder}; only its {RESULT_FILE} is "
+                          "written there: give a file outside it")
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         hint = "" if output else "; give --output FILE elsewhere"

@@ -115,6 +115,9 @@ class PruningPlan:
             granularity = sp.unit if sp.unit != "neuron" else "head_dim"
             if s.unit(granularity) != sp.unit or s.num_units(granularity) != sp.total:
                 raise PlanError(f"{name}: plan unit {sp.unit} x {sp.total} does not fit the model")
+            # a plan built in code skipped from_dict's checks: an index out of range would fail
+            # halfway through slicing, with earlier structures already cut
+            _check_kept(sp, lambda m, n=name: PlanError(f"{n}: {m}"))
 
     def kept_widths(self) -> dict[str, tuple[int, int]]:
         """name -> (kept, total) units."""
@@ -173,6 +176,11 @@ def _structure_plan(entry: Any, bad) -> StructurePlan:
         value = getattr(sp, attr)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad(f"{attr} must be a non-negative integer, got {value!r}")
+    _check_kept(sp, bad)
+    return sp
+
+
+def _check_kept(sp: StructurePlan, bad) -> None:
     if not isinstance(sp.kept, list) or not sp.kept:
         raise bad("kept must be a non-empty list of unit indices")
     if any(isinstance(i, bool) or not isinstance(i, int) for i in sp.kept):
@@ -181,4 +189,3 @@ def _structure_plan(entry: Any, bad) -> StructurePlan:
         raise bad("kept must be sorted and without repeats")
     if sp.kept[0] < 0 or sp.kept[-1] >= sp.total:
         raise bad(f"kept indices must lie in [0, {sp.total})")
-    return sp

@@ -176,6 +176,7 @@ class UPopSearch:
         self.structures = structures if structures is not None else discover(model)
         for s in self.structures:
             s.check_granularity(config.granularity)
+        _check_prunable(self.structures, config)
         try:
             device = next(model.parameters()).device
         except StopIteration:
@@ -226,12 +227,13 @@ class UPopSearch:
         if not skip and all(g is None for g in grads.values()):
             warnings.warn("upop: step() found no mask gradients; call it after loss.backward()",
                           stacklevel=2)
-        finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
+        # unscaled first, then checked: a tiny (denormal) grad_scale turns finite gradients infinite
+        unscaled = {name: g.detach().double().cpu() / (grad_scale or 1.0)
+                    for name, g in grads.items() if g is not None}
+        finite = all(bool(torch.isfinite(g).all()) for g in unscaled.values())
         if finite and not skip:
-            for name, g in grads.items():
-                if g is not None:
-                    g = g.detach().double().cpu()
-                    self.scores[name] += g / grad_scale if grad_scale else g
+            for name, g in unscaled.items():
+                self.scores[name] += g
         else:
             self._skip()
         self.masks.zero_grad()
@@ -423,6 +425,21 @@ class UPopSearch:
             self.masks.tokens[n].count = [int(c) for c in t[2:]]
         step, skipped, ratio = state["counters"].tolist()
         self.step_count, self.skipped_steps, self.current_ratio = int(step), int(skipped), ratio
+
+
+def _check_prunable(structures: list[Structure], config: UPopConfig) -> None:
+    """Refuse min_units / round_to that protect every unit of every structure: the search would
+    run its steps and end with nothing pruned (achieved 0) instead of the target."""
+    if config.round_to == "auto" or not structures:  # "auto" is known once the latency tables exist
+        return
+    g = config.granularity
+    for s in structures:
+        n, step = s.num_units(g), s.unit_step(g, config.round_to)
+        if n - min(n, math.ceil(max(config.min_units, 1) / step) * step) > 0:
+            return
+    widest = max(s.num_units(g) for s in structures)
+    raise ValueError(f"UPopConfig: min_units={config.min_units} and round_to={config.round_to} leave no unit "
+                     f"of any structure prunable (the widest has {widest} {g} units); lower them")
 
 
 def _world_size() -> int:
