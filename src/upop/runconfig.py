@@ -44,7 +44,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     format: str = "openmoji"  # a name of upop.data.formats.FORMATS; each task says which it reads
-    root: str | None = None  # image root (karpathy), dataset root (imagefolder), cache (openmoji)
+    # image root (karpathy), the folder relative data.train / val / test folders are in (imagefolder),
+    # the dataset folder (hf_datasets), cache (openmoji)
+    root: str | None = None
     # karpathy annotation files, or imagefolder split folders; vqav2: also a list of files (VQAv2
     # questions, BLIP-style JSON lists such as vg_qa.json), read as one training set
     train: str | list[str] | None = None
@@ -59,6 +61,17 @@ class DataConfig:
     # "stop" ends the run with one line naming the file (and entry); "skip" drops the example,
     # counts it and logs the count and the first paths on the "upop" logger
     on_bad_input: str = "stop"
+    image_column: str = "image"  # hf_datasets: the column of images (datasets.Image)
+    label_column: str = "label"  # hf_datasets, classification: ClassLabel or integer class ids
+    text_column: str = "caption"  # hf_datasets, retrieval: a caption, or a list of captions per image
+    image_id_column: str | None = None  # hf_datasets, retrieval: groups the rows of one image's captions
+    # hf_datasets: run split -> the dataset's split name, e.g. {train: train, val: validation, test: test}
+    # (unset: train, validation or val, test)
+    splits: dict[str, str] = field(default_factory=dict)
+    # your own image transforms, "package.module:name" of a callable PIL image -> tensor (3, size, size)
+    # (classification, retrieval); unset: the task's transforms (train.augment, train.eval_crop)
+    train_transform: str | None = None
+    eval_transform: str | None = None  # the same for evaluation (val, test): "package.module:name"
 
 
 @dataclass

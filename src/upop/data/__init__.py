@@ -1,6 +1,8 @@
 """Data layer: one reader per data format, each registered in `upop.data.formats.FORMATS`:
 Karpathy-split JSON (retrieval, caption), ImageFolder and Fashion-MNIST (classification), VQAv2,
-NLVR2, ADE20K, and the OpenMoji-derived sets every task can run on without a download.
+NLVR2, ADE20K, Hugging Face `datasets` folders (classification, retrieval; hf_datasets.py), and the
+OpenMoji-derived sets every task can run on without a download. `user_transform` loads the
+image transform a run config names (data.train_transform / data.eval_transform).
 
 Every bad input raises `DataError` (a ValueError) with one line naming the file, the entry and the
 problem. Annotation files are checked completely when a dataset is built; images decode lazily.
@@ -17,13 +19,15 @@ from ._common import BAD_INPUT_MODES, DataError, DropNone, drop_none
 from .ade20k import ADE20KDataset, load_annotation
 from .fashion_mnist import CLASSES, FashionMNIST, find_fashion_mnist, load_fashion_mnist
 from .formats import FORMATS, DataFormat
-from .imagefolder import IMG_EXTENSIONS, ImageFolderDataset
+from .hf_datasets import HFImageClassification, HFRetrievalEval, HFRetrievalTrain
+from .imagefolder import IMG_EXTENSIONS, ImageFolderDataset, split_folder
 from .karpathy import KarpathyEval, KarpathyTrain, pre_caption
 from .nlvr2 import NLVR2Dataset, read_nlvr2
 from .openmoji import build_openmoji
 from .openmoji_nlvr import build_openmoji_nlvr
 from .openmoji_seg import build_openmoji_seg
 from .openmoji_vqa import build_openmoji_vqa
+from .transforms import user_transform
 from .vqav2 import VQAv2Dataset, read_vqav2
 
 __all__ = [
@@ -36,6 +40,9 @@ __all__ = [
     "DataFormat",
     "DropNone",
     "FashionMNIST",
+    "HFImageClassification",
+    "HFRetrievalEval",
+    "HFRetrievalTrain",
     "ImageFolderDataset",
     "KarpathyEval",
     "KarpathyTrain",
@@ -52,4 +59,6 @@ __all__ = [
     "pre_caption",
     "read_nlvr2",
     "read_vqav2",
+    "split_folder",
+    "user_transform",
 ]

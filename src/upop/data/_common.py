@@ -129,10 +129,11 @@ def load_image(path: Path):
         raise DataError(f"{path}: cannot decode image: {one_line(exc) or type(exc).__name__}") from exc
 
 
-def load_image_or_none(path: Path, on_bad_input: str, skipped: list[str]):
-    """load_image, except that in "skip" mode an undecodable image gives None (recorded in `skipped`)."""
+def load_image_or_none(path: Any, on_bad_input: str, skipped: list[str], loader: Callable[[Any], Any] | None = None):
+    """load_image (or `loader`: e.g. a row of a datasets split), except that in "skip" mode an
+    undecodable image gives None (recorded in `skipped`)."""
     try:
-        return load_image(path)
+        return (loader or load_image)(path)
     except DataError as exc:
         if on_bad_input != "skip":
             raise

@@ -74,6 +74,15 @@ class ImageFolderDataset(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+def split_folder(folder: str | None, root: str | None) -> Path | None:
+    """The folder of an imagefolder split (data.train / val / test): a relative one is inside
+    data.root when that is set, else relative to the working directory; None stays None."""
+    if not folder:
+        return None
+    path = Path(folder).expanduser()
+    return Path(root).expanduser() / path if root and not path.is_absolute() else path
+
+
 def _find_images(folder: Path, exts: tuple[str, ...]) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -83,4 +92,5 @@ def _find_images(folder: Path, exts: tuple[str, ...]) -> list[Path]:
     return found
 
 
-add_format("imagefolder", ("train", "test"), "one folder per class (data.val optional)")
+add_format("imagefolder", ("train", "test"), "one folder per class in each of data.train / data.test (data.val "
+           "optional), relative to data.root when it is set")

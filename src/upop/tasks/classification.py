@@ -8,7 +8,6 @@ mixed, smoothed targets), `drop_path: 0.1`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..augment import Mixing
 from ..data import CLASSES as FASHION_CLASSES
-from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none
+from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none, split_folder, user_transform
+from ..data.hf_datasets import classification_splits
 from ..metrics import top_k_accuracy
 from ..runconfig import ConfigError, RunConfig
 from ._recipe import Recipe
@@ -30,7 +30,7 @@ from .base import ImageOnly, Mapped, Task, evaluating, register_task
 class ClassificationTask(Recipe, Task):
     name = "classification"
     metric = "top1"
-    formats = ("imagefolder", "fashion_mnist")
+    formats = ("imagefolder", "fashion_mnist", "hf_datasets")
     mixes_batches = True
 
     @classmethod
@@ -44,10 +44,13 @@ class ClassificationTask(Recipe, Task):
         if data.format == "fashion_mnist":
             splits = {"train": FashionMNIST("train"), "val": None, "test": FashionMNIST("test")}
             classes = list(FASHION_CLASSES)
+        elif data.format == "hf_datasets":  # the classes of val and test are checked against train's there
+            splits = dict(classification_splits(data))
+            classes = splits["train"].classes
         else:
             # evaluation splits are decoded up front under "skip", so their indices stay fixed
-            splits = {s: ImageFolderDataset(Path(getattr(data, s)).expanduser(), on_bad_input=data.on_bad_input,
-                                            check_images=s != "train") if getattr(data, s) else None
+            splits = {s: ImageFolderDataset(folder, on_bad_input=data.on_bad_input, check_images=s != "train")
+                      if (folder := split_folder(getattr(data, s), data.root)) else None
                       for s in ("train", "val", "test")}
             classes = splits["train"].classes
             for s in ("val", "test"):
@@ -62,7 +65,9 @@ class ClassificationTask(Recipe, Task):
         self.classes = classes
         self.num_labels = len(classes)
         self.build_model()
-        self._train_tf, self._eval_tf = self.train_transform(), self.eval_transform()
+        size = self.built.image_size  # the user's own transforms (data.*_transform) replace the task's
+        self._train_tf = user_transform(data.train_transform, "data.train_transform", size) or self.train_transform()
+        self._eval_tf = user_transform(data.eval_transform, "data.eval_transform", size) or self.eval_transform()
         t = cfg.train
         self.mixing = Mixing(t.mixup, t.cutmix, t.label_smoothing, self.num_labels)
         splits["train"] = self.limited(splits["train"], data.limit_train)

@@ -28,7 +28,8 @@ import transformers as tf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DataError
+from ..data import DataError, user_transform
+from ..data.hf_datasets import retrieval_splits
 from ..metrics import recall_at_k
 from ..models import BuiltModel, hub_tokenizer
 from ..models.blip import BlipForRetrievalWithTemp, with_learned_temperature
@@ -90,7 +91,7 @@ def features(output: Any) -> torch.Tensor:
 class RetrievalTask(Recipe, Task):
     name = "retrieval"
     metric = "r_mean"
-    formats = ("openmoji", "karpathy")
+    formats = ("openmoji", "karpathy", "hf_datasets")
     Options = RetrievalOptions
     options: RetrievalOptions
 
@@ -120,7 +121,7 @@ class RetrievalTask(Recipe, Task):
         super().__init__(cfg)
         data = cfg.data
         # every annotation file is parsed and checked before the model is built
-        self._train, self._eval = karpathy_splits(data)
+        self._train, self._eval = retrieval_splits(data) if data.format == "hf_datasets" else karpathy_splits(data)
         self.build_model()
         if self.built.tokenizer is None:
             raise DataError("the retrieval model has no tokenizer")
@@ -128,9 +129,12 @@ class RetrievalTask(Recipe, Task):
         self.enc_token_id: int | None = getattr(self.built.tokenizer, "enc_token_id", None)
         if self.blip and self.enc_token_id is None:
             raise ConfigError("a BLIP retrieval model needs BLIP's tokenizer, with its [ENC] token (ITM input)")
-        self._train.transform = self.train_transform()
+        size = self.built.image_size  # the user's own transforms (data.*_transform) replace the task's
+        self._train.transform = (user_transform(data.train_transform, "data.train_transform", size)
+                                 or self.train_transform())
+        eval_tf = user_transform(data.eval_transform, "data.eval_transform", size) or self.eval_transform()
         for ds in self._eval.values():
-            ds.transform = self.eval_transform()
+            ds.transform = eval_tf
         self._train = self.limited(self._train, data.limit_train)
         o = self.options
         self.momentum = Momentum(o.momentum, o.queue_size) if o.momentum_distill else None
