@@ -304,3 +304,32 @@ def test_user_transform_errors(classification_folder, tmp_path, capsys, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     _one_line_error(_classification_config(classification_folder, tmp_path / "x", train_transform=spec),
                     tmp_path, capsys, expected)
+
+
+# ---- the user guide's data section runs as written ------------------------------------------------------
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "user_guide.md"
+
+
+def _guide_subsection(title: str) -> str:
+    text = GUIDE.read_text()
+    start = text.index(f"### {title}")
+    end = text.find("\n#", start + 4)
+    return text[start:end if end != -1 else None]
+
+
+def test_user_guide_data_snippets(tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    hf = _guide_subsection("Hugging Face `datasets`")
+    (python,) = re.findall(r"```python\n(.*?)```", hf, flags=re.S)
+    exec(compile(python, "docs/user_guide.md#hf_datasets", "exec"), {})
+    (data,) = re.findall(r"```yaml\n(.*?)```", hf, flags=re.S)
+    config = {"task": "classification", "model": {"preset": "tiny-vit"}, **yaml.safe_load(data)}
+    config["data"]["image_size"] = 32
+    task = make_task(load_run_config(_write(tmp_path, config)))
+    assert task.classes == ["red", "green", "blue"] and len(task.splits["test"]) == 4
+    for title in ("Classification: ImageFolder", "Your own image transforms"):  # every key exists, as written
+        (data,) = re.findall(r"```yaml\n(.*?)```", _guide_subsection(title), flags=re.S)
+        load_run_config(_write(tmp_path, {"task": "classification", "model": {"preset": "tiny-vit"},
+                                          **yaml.safe_load(data)}))
