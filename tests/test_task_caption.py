@@ -250,3 +250,38 @@ def test_caption_compress_then_evaluate(coco, tmp_path, capsys):
     result = pipeline.run_evaluate(load_run_config(config, [f"output_dir={tmp_path / 'eval'}"]), out / "model")
     assert result["metrics"] == pytest.approx(scores)
     assert json.loads((tmp_path / "eval" / "captions_test.json").read_text()) == results
+
+
+# ---- caption length as the paper counts it ------------------------------------------------------------
+def test_caption_length_limits_are_the_papers(coco, tmp_path):
+    """BLIP's generate (the paper) passes min_length 5 / max_length 20, counted over the decoder's whole input:
+    [DEC] a picture of = 4 tokens. The default new-token limits (1 / 16) must give exactly those sequences."""
+    config = _config(coco, tmp_path / "run")
+    del config["caption"]  # the defaults
+    task = make_task(load_run_config(_write(tmp_path, config)))
+    tok = task.built.tokenizer
+    assert tok.convert_ids_to_tokens(task.prompt_ids[0].tolist()) == ["[CLS]", "a", "picture", "of"]
+    assert task.prompt_length == 4  # [DEC] replaces [CLS]: the prefix the paper's lengths include
+    torch.manual_seed(0)
+    model = task.model.eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    prefix = torch.cat([task.prompt_ids, torch.full((1, 1), tok.sep_token_id)], 1).repeat(len(pixels), 1)
+    bias = model.text_decoder.cls.predictions.bias  # the LM head's output bias
+    sep = tok.sep_token_id
+
+    def paper(m):  # the paper's call, in its own length convention
+        with torch.no_grad():
+            return m.generate(pixel_values=pixels, input_ids=prefix.clone(), num_beams=3, min_length=5, max_length=20)
+
+    with torch.no_grad():
+        bias[sep] += 1e4  # [SEP] is every step's best token: the shortest caption the minimum allows
+    ours = task.generate_ids(model, pixels)
+    assert torch.equal(ours, paper(model))
+    assert ours.shape[1] == 6  # [DEC] a picture of + 1 word + [SEP]: [SEP] is barred until length 5
+    assert (ours[:, 4] != sep).all() and (ours[:, 5] == sep).all()
+    assert all(len(c.split()) == 1 for c in task.generate(model, pixels))
+    with torch.no_grad():
+        bias[sep] -= 2e4  # [SEP] never wins: the longest caption
+    ours = task.generate_ids(model, pixels)
+    assert torch.equal(ours, paper(model))
+    assert ours.shape[1] == 20 and not (ours[:, 4:] == sep).any()  # 16 new tokens, counted with the prefix: 20

@@ -8,6 +8,12 @@ Generation feeds the same `[DEC] prompt` prefix (HF's generate() also swaps [CLS
 drops the trailing [SEP]), so training and inference see identical prefixes; beam search stops at
 [SEP], and the prompt is stripped from the decoded text.
 
+Caption length: the paper (BLIP's generate, max_length 20 / min_length 5) passes lengths that count
+the decoder's whole input, `[DEC] a picture of` = 4 tokens with BLIP's BERT tokenizer, so [SEP] may
+end a caption from its 2nd token on (1 word at least) and a caption has 16 new tokens at most
+([SEP] included). Here the limits count new tokens only (prompt-independent): the defaults 1 / 16 are
+exactly the paper's lengths for its prompt.
+
 Evaluation: COCO caption metrics (pycocoevalcap) in percent; CIDEr selects checkpoints. The
 generated captions of each evaluated split are written in COCO result format
 ([{"image_id", "caption"}]) to `<output_dir>/captions_<split>.json` (the latest evaluation) and
@@ -52,9 +58,9 @@ class CaptionOptions:
     """The `caption:` section."""
 
     prompt: str = "a picture of "  # the decoder prompt, excluded from the loss (BLIP)
-    num_beams: int = 3  # beam search (paper: 3 beams, length 5..20)
-    max_new_tokens: int = 20
-    min_new_tokens: int = 5
+    num_beams: int = 3  # beam search (paper: 3 beams)
+    max_new_tokens: int = 16  # caption tokens at most, [SEP] included (paper: max_length 20 - 4 prefix tokens)
+    min_new_tokens: int = 1  # caption tokens before [SEP] may end it (paper: min_length 5 - 4 prefix tokens)
 
     def validate(self) -> None:
         for key in ("num_beams", "max_new_tokens"):
@@ -137,17 +143,21 @@ class CaptionTask(Recipe, Task):
                                label_smoothing=self.cfg.train.label_smoothing)
 
     @torch.no_grad()
+    def generate_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Beam search: the token ids `[DEC] prompt caption [SEP] [PAD]...` of a batch of images."""
+        e = self.options
+        # [CLS] prompt [SEP]: BLIP's generate() swaps [CLS] for [DEC] and drops the last token
+        sep = torch.full((1, 1), self.built.tokenizer.sep_token_id)
+        input_ids = torch.cat([self.prompt_ids, sep], 1).repeat(pixel_values.shape[0], 1)
+        # min/max_new_tokens skip the prompt: [SEP] is barred until min_new_tokens tokens are written
+        return model.generate(pixel_values=pixel_values, input_ids=input_ids.to(pixel_values.device),
+                              num_beams=e.num_beams, max_new_tokens=e.max_new_tokens,
+                              min_new_tokens=e.min_new_tokens, do_sample=False)
+
     def generate(self, model: nn.Module, pixel_values: torch.Tensor) -> list[str]:
         """Beam-search captions of a batch of images, prompt stripped."""
-        e = self.options
-        tok = self.built.tokenizer
-        n = pixel_values.shape[0]
-        # [CLS] prompt [SEP]: BLIP's generate() swaps [CLS] for [DEC] and drops the last token
-        input_ids = torch.cat([self.prompt_ids, torch.full((1, 1), tok.sep_token_id)], 1).repeat(n, 1)
-        out = model.generate(pixel_values=pixel_values, input_ids=input_ids.to(pixel_values.device),
-                             num_beams=e.num_beams, max_new_tokens=e.max_new_tokens,
-                             min_new_tokens=e.min_new_tokens, do_sample=False)
-        texts = tok.batch_decode(out[:, self.prompt_length:], skip_special_tokens=True)
+        out = self.generate_ids(model, pixel_values)
+        texts = self.built.tokenizer.batch_decode(out[:, self.prompt_length:], skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 
     @torch.no_grad()
