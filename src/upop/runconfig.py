@@ -170,6 +170,7 @@ MOVED = {
     "eval.multiscale": "segmentation.multiscale",
 }
 MAX_IMAGE_SIZE = 8192
+MAX_WORKERS = 256
 MAX_GRAD_ACCUM = 4096
 MAX_LATENCY_BATCH = 65536
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
@@ -325,6 +326,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(t, key)
         if not (math.isfinite(value) and value >= 0):
             bad(f"train.{key} must be a finite number >= 0, got {_short(value)}")
+    for key in ("lr", "dense_lr"):  # the schedules decay from the rate to min_lr, never rise to it
+        if t.min_lr > getattr(t, key) and (key == "lr" or t.dense_epochs > 0):
+            bad(f"train.min_lr ({_short(t.min_lr)}) must not exceed train.{key} ({_short(getattr(t, key))})")
     for prefix, factor in t.lr_multipliers.items():
         if not isinstance(prefix, str):
             bad(f"train.lr_multipliers keys must be parameter-name prefixes (strings), got {_short(prefix)}")
@@ -373,6 +377,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(d, key)
         if value is not None and value < 0:
             bad(f"data.{key} must be >= 0")
+    if d.num_workers > MAX_WORKERS:  # each worker is a process
+        bad(f"data.num_workers must be <= {MAX_WORKERS}, got {_short(d.num_workers)}")
     if d.on_bad_input not in BAD_INPUT_MODES:
         bad(f"data.on_bad_input must be {' or '.join(BAD_INPUT_MODES)}, got {_short(d.on_bad_input)}")
     e = cfg.eval
