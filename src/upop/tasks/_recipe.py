@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .. import augment
+from ..data import user_transform
 from ..models import BuiltModel
 from ..runconfig import ConfigError
 
@@ -36,6 +37,10 @@ class Recipe:
                 if getattr(t, key) != default:
                     raise ConfigError(f"train.{key}: task {self.name} transforms images and labels together "
                                       "with its own transform; leave it at its default")
+        own = [k for k in ("train_transform", "eval_transform") if getattr(self.cfg.data, k, None)]
+        if own and not self.image_transforms:
+            raise ConfigError(f"data.{own[0]}: task {self.name} transforms images and labels together; "
+                              "its own transform cannot be replaced")
         if t.random_erasing and t.augment != "deit":
             raise ConfigError("train.random_erasing is part of train.augment: deit; set both")
 
@@ -56,10 +61,14 @@ class Recipe:
         return self._drop_path(super().build_fresh_model())  # type: ignore[misc]
 
     def train_transform(self) -> Any:
+        """The user's own (data.train_transform), else the recipe's."""
         b = self.built
-        return augment.train_transform(self.cfg.train, b.image_size, b.mean, b.std,
-                                       super().train_transform)  # type: ignore[misc]
+        own = user_transform(self.cfg.data.train_transform, "data.train_transform", b.image_size)
+        return own or augment.train_transform(self.cfg.train, b.image_size, b.mean, b.std,
+                                              super().train_transform)  # type: ignore[misc]
 
     def eval_transform(self) -> Any:
+        """The user's own (data.eval_transform), else the recipe's."""
         b = self.built
-        return augment.eval_transform(self.cfg.train, b.image_size, b.mean, b.std)
+        own = user_transform(self.cfg.data.eval_transform, "data.eval_transform", b.image_size)
+        return own or augment.eval_transform(self.cfg.train, b.image_size, b.mean, b.std)

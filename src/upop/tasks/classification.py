@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..augment import Mixing
 from ..data import CLASSES as FASHION_CLASSES
-from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none, split_folder, user_transform
+from ..data import DataError, FashionMNIST, ImageFolderDataset, drop_none, split_folder
 from ..data.hf_datasets import classification_splits
 from ..metrics import top_k_accuracy
 from ..runconfig import ConfigError, RunConfig
@@ -65,9 +65,7 @@ class ClassificationTask(Recipe, Task):
         self.classes = classes
         self.num_labels = len(classes)
         self.build_model()
-        size = self.built.image_size  # the user's own transforms (data.*_transform) replace the task's
-        self._train_tf = user_transform(data.train_transform, "data.train_transform", size) or self.train_transform()
-        self._eval_tf = user_transform(data.eval_transform, "data.eval_transform", size) or self.eval_transform()
+        self._train_tf, self._eval_tf = self.train_transform(), self.eval_transform()
         t = cfg.train
         self.mixing = Mixing(t.mixup, t.cutmix, t.label_smoothing, self.num_labels)
         splits["train"] = self.limited(splits["train"], data.limit_train)

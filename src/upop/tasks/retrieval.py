@@ -28,7 +28,7 @@ import transformers as tf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DataError, user_transform
+from ..data import DataError
 from ..data.hf_datasets import retrieval_splits
 from ..metrics import recall_at_k
 from ..models import BuiltModel, hub_tokenizer
@@ -129,10 +129,8 @@ class RetrievalTask(Recipe, Task):
         self.enc_token_id: int | None = getattr(self.built.tokenizer, "enc_token_id", None)
         if self.blip and self.enc_token_id is None:
             raise ConfigError("a BLIP retrieval model needs BLIP's tokenizer, with its [ENC] token (ITM input)")
-        size = self.built.image_size  # the user's own transforms (data.*_transform) replace the task's
-        self._train.transform = (user_transform(data.train_transform, "data.train_transform", size)
-                                 or self.train_transform())
-        eval_tf = user_transform(data.eval_transform, "data.eval_transform", size) or self.eval_transform()
+        self._train.transform = self.train_transform()  # the user's own (data.*_transform) or the recipe's
+        eval_tf = self.eval_transform()
         for ds in self._eval.values():
             ds.transform = eval_tf
         self._train = self.limited(self._train, data.limit_train)
