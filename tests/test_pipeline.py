@@ -109,6 +109,22 @@ def test_classification_from_imagefolder(imagefolder, tmp_path):
     assert metrics["compressed"]["params"] < metrics["dense"]["params"]
 
 
+def run_killed_in_epoch(config: Path, n: int) -> None:
+    """run_compress of `config`, killed (KeyboardInterrupt) inside its n-th training epoch (1 = the first)."""
+    real_epoch, calls = pipeline.Trainer.epoch, {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_epoch(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline.Trainer, "epoch", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_compress(load_run_config(config))
+
+
 @pytest.fixture(scope="module")
 def reference_plan(karpathy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
@@ -118,26 +134,14 @@ def reference_plan(karpathy, tmp_path_factory):
 
 # Trainer.epoch calls: 1 = dense epoch 1, 2-3 = search epochs 1-2, 4 = retrain epoch 1.
 @pytest.mark.parametrize("crash_at, phase, epoch", [(1, "dense", 0), (3, "search", 1), (4, "retrain", 0)])
-def test_kill_and_resume_gives_the_same_plan(karpathy, tmp_path, monkeypatch, reference_plan, crash_at, phase, epoch):
+def test_kill_and_resume_gives_the_same_plan(karpathy, tmp_path, reference_plan, crash_at, phase, epoch):
     out = tmp_path / "interrupted"
     config = _write(tmp_path, _retrieval_config(karpathy, out))
-    real_epoch = pipeline.Trainer.epoch
-    calls = {"n": 0}
-
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == crash_at:
-            raise KeyboardInterrupt  # killed inside this epoch
-        return real_epoch(self, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline.Trainer, "epoch", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run_compress(load_run_config(config))
+    run_killed_in_epoch(config, crash_at)
     assert not (out / "metrics.json").exists()
     if crash_at > 1:
         progress = json.loads((out / "state" / "progress.json").read_text())
         assert (progress["phase"], progress["epoch"]) == (phase, epoch)
-    monkeypatch.setattr(pipeline.Trainer, "epoch", real_epoch)
     pipeline.run_compress(load_run_config(config))  # the same command again
     assert json.loads((out / "plan.json").read_text())["structures"] == reference_plan
     assert (out / "metrics.json").is_file()
@@ -151,7 +155,7 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(karpathy, tmp_
 
     def dying_save(model, path, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # dense 1, dense reference, search 1, then die writing search 2
+        if calls["n"] == 5:  # dense 1, the dense model, end of dense, search 1, then die writing search 2
             with open(path, "wb") as f:
                 f.write(b"half a file")
             raise KeyboardInterrupt

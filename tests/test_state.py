@@ -44,9 +44,11 @@ def test_checkpoint_round_trip(tmp_path):
     progress = Progress(phase="retrain", epoch=2, dense={"metric": 1.5}, best=3.0, wall={"dense": 1.0})
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "plan.json").write_text("{}")  # the retrain phase needs its plan
+    state.save_dense(model)  # and every phase after the dense one its dense model
     state.save(progress, model, optimizer, what="retrain epoch 2")
     state.save(Progress(phase="retrain", epoch=3), model, optimizer, what="retrain epoch 3")
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["plan.json", "progress.json", "retrain-3"]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["dense", "plan.json", "progress.json",
+                                                                      "retrain-3"]
     state.save(progress, model, optimizer, what="retrain epoch 2")
 
     again = RunState(tmp_path / "state", "abc")
@@ -58,6 +60,53 @@ def test_checkpoint_round_trip(tmp_path):
     again.load_optimizer(fresh_optimizer)
     loaded, saved = fresh_optimizer.state_dict()["state"][0], optimizer.state_dict()["state"][0]
     assert torch.equal(loaded["exp_avg"], saved["exp_avg"])
+    assert torch.equal(again.load_dense(nn.Linear(4, 3)).weight, model.weight)
+
+
+def test_the_dense_model_is_kept_finite_and_required_after_the_dense_phase(tmp_path):
+    model = nn.Linear(4, 3)
+    state = RunState(tmp_path / "state", "abc")
+    state.save(Progress(phase="search", epoch=0), model, what="end of dense")
+    with pytest.raises(ConfigError, match=r"state/dense/model.safetensors: is missing; to start over delete"):
+        RunState(tmp_path / "state", "abc").progress()
+    with torch.no_grad():
+        model.bias[0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match="the dense model: not saved"):
+        state.save_dense(model)
+    assert not (tmp_path / "state" / "dense").exists()
+    (tmp_path / "state" / "dense").mkdir()
+    (tmp_path / "state" / "dense" / "model.safetensors").write_bytes(b"half a file")
+    again = RunState(tmp_path / "state", "abc")
+    assert again.progress().phase == "search"
+    with pytest.raises(ConfigError, match=r"dense/model.safetensors: cannot be loaded"):
+        again.load_dense(nn.Linear(4, 3))
+
+
+def test_latency_tables_round_trip_and_damage(tmp_path):
+    from upop.latency import LatencyModel, Table
+
+    state = RunState(tmp_path / "state", "abc")
+    assert state.latency() is None
+    with pytest.raises(ConfigError, match="latency.json: is missing"):
+        state.latency(required=True)
+    lm = LatencyModel.synthetic({"a": Table([1, 2, 4], [1.0, 1.5, 2.5], [0.0, 0.0, 0.0])}, fixed_ms=0.5)
+    state.save_latency(lm)
+    assert state.latency().to_dict() == lm.to_dict()
+    (tmp_path / "state" / "latency.json").write_text('{"format": "something else"}')
+    with pytest.raises(ConfigError, match="latency.json: LatencyError"):
+        state.latency()
+
+
+def test_config_hash_ignores_output_dir_eval_and_log():
+    cfg = RunConfig()
+    other = RunConfig(output_dir="elsewhere")
+    other.eval.skip_latency = True
+    other.log.report_to, other.log.every_n_steps = ["tensorboard"], 3
+    assert config_hash(cfg) == config_hash(other)
+    without_log = {k: v for k, v in cfg.to_dict().items() if k != "log"}  # a run recorded before log: existed
+    assert config_hash(without_log) == config_hash(cfg)
+    other.train.lr = 1.0
+    assert config_hash(other) != config_hash(cfg)
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):

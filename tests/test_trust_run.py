@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import _retrieval_config, _write, karpathy  # noqa: F401  (karpathy: a fixture)
+from test_pipeline import _retrieval_config, _write, karpathy, run_killed_in_epoch  # noqa: F401  (karpathy: a fixture)
 from upop import cli, files, pipeline, report, runconfig, state
 from upop.files import DiskFullError
 from upop.runconfig import ConfigError, load_run_config
@@ -230,18 +230,7 @@ def test_unfinished_run_of_another_config_is_refused(karpathy, tmp_path, monkeyp
 def interrupted(karpathy, tmp_path_factory) -> Path:  # noqa: F811
     """A run killed in its second search epoch: state/search-1 holds model, optimizer and search."""
     tmp = tmp_path_factory.mktemp("interrupted")
-    real_epoch, calls = pipeline.Trainer.epoch, {"n": 0}
-
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(self, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline.Trainer, "epoch", crashing)
-        with pytest.raises(KeyboardInterrupt):
-            _run(tmp, _config(karpathy, tmp / "run"))
+    run_killed_in_epoch(_write(tmp, _config(karpathy, tmp / "run")), 3)
     assert (tmp / "run" / "state" / "search-1" / "search.safetensors").is_file()
     return tmp / "run"
 

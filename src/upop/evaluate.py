@@ -10,7 +10,6 @@ log goes to stderr only: evaluating never writes into the run folder of the conf
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -25,8 +24,8 @@ import torch
 from torch import nn
 
 from .checkpoint import META_FILE, PLAN_FILE, CheckpointError, from_pretrained
-from .costs import count_flops, count_params, measure_latency
 from .files import write_json
+from .measure import measure  # the one implementation, shared with the compress pipeline
 from .runconfig import ConfigError, RunConfig
 
 log = logging.getLogger("upop")
@@ -121,20 +120,6 @@ def output_path(folder: Path, output: str | os.PathLike | None) -> Path:
 
 
 # ---- measuring ------------------------------------------------------------------------------------
-def measure(cfg: RunConfig, task: Any, model: nn.Module, device: torch.device, split: str = "test") -> dict:
-    """Task metrics, params, FLOPs (batch 1) and CPU latency of `model`."""
-    metrics = task.evaluate(model, split, device)
-    result = {"metric": metrics[task.metric], "metrics": metrics, "params": count_params(model)}
-    example = {k: v.to(device) for k, v in task.example_inputs(1).items()}
-    result["flops"], result["latency_ms"] = count_flops(model, example), None
-    if not cfg.eval.skip_latency:
-        cpu_model = copy.deepcopy(model).cpu() if device.type != "cpu" else model
-        result["latency_ms"] = {f"batch{b}": measure_latency(cpu_model, task.example_inputs(b),
-                                                             repeats=cfg.eval.latency_repeats)
-                                for b in cfg.eval.latency_batches}
-    return result
-
-
 @contextlib.contextmanager
 def progress_bars(desc: str) -> Iterator[None]:
     """A progress bar on stderr for every DataLoader iterated inside the block. The tasks iterate

@@ -1,48 +1,35 @@
 """dense -> search -> compress -> retrain -> evaluate: a loop over the phases, resumable, on one CPU or
 under torchrun. Every phase runs one skeleton (`Run.train`): its epochs, each followed by a checkpoint
-(upop.state); what the phase leaves (the dense measurement, the plan, the selected model) is on disk
-before the progress names the next phase. The same command continues after the last finished epoch.
-"""
+(upop.state); what a phase leaves (the dense model and its measurement, the plan, the selected model) is on
+disk before the progress names the next one. The same command continues after the last finished epoch."""
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import report
 from .adapters import discover
 from .checkpoint import from_pretrained, save_pretrained
 from .compress import apply_plan
-from .costs import count_flops, count_params, measure_latency
+from .costs import count_flops, count_params
+from .evaluate import run_evaluate  # noqa: F401 (the one `upop evaluate`; tests of the tasks call it from here)
 from .files import write_text
+from .latency import LatencyModel
+from .measure import budget_latency_model, final_timings, measure
+from .optim import lr_schedule
 from .runconfig import RunConfig
 from .search import UPopSearch
 from .state import Progress, RunState, claim_output_dir, config_hash, require_finite
-from .tasks import Task, make_task
-from .training import PHASES, Dist, Trainer, cosine, init_distributed, setup_logging
+from .tasks import make_task
+from .tracking import Tracker
+from .training import PHASES, Dist, Trainer, init_distributed, setup_logging, start_tracking
 
 log = logging.getLogger("upop")
-
-
-def measure(cfg: RunConfig, task: Task, model: nn.Module, device: torch.device, split: str = "test") -> dict:
-    """Task metrics, params, FLOPs (batch 1) and CPU latency of `model`."""
-    metrics = task.evaluate(model, split, device)
-    result = {"metric": metrics[task.metric], "metrics": metrics, "params": count_params(model)}
-    example = {k: v.to(device) for k, v in task.example_inputs(1).items()}
-    result["flops"], result["latency_ms"] = count_flops(model, example), None
-    if not cfg.eval.skip_latency:
-        cpu_model = copy.deepcopy(model).cpu() if device.type != "cpu" else model
-        result["latency_ms"] = {f"batch{b}": measure_latency(cpu_model, task.example_inputs(b),
-                                                             repeats=cfg.eval.latency_repeats)
-                                for b in cfg.eval.latency_batches}
-    return result
 
 
 def run_compress(cfg: RunConfig, *, overwrite: bool = False) -> dict[str, Any]:
@@ -55,24 +42,26 @@ def run_compress(cfg: RunConfig, *, overwrite: bool = False) -> dict[str, Any]:
         if finished is not None:
             log.info("%s holds this finished run; nothing to do\n%s", out, report.format_table(finished))
             return finished
-        return Run(cfg, env, out).run()
+        with start_tracking(cfg, out, env) as tracker:  # before any data is read
+            return Run(cfg, env, out, tracker).run()
 
 
 class Run:
     """One compress job: the model, its progress and the phases that remain."""
 
-    def __init__(self, cfg: RunConfig, env: Dist, out: Path) -> None:
-        self.cfg, self.env, self.out, self.started = cfg, env, out, time.time()
+    def __init__(self, cfg: RunConfig, env: Dist, out: Path, tracker: Tracker) -> None:
+        self.cfg, self.env, self.out, self.tracker, self.started = cfg, env, out, tracker, time.time()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
         self.task = task = make_task(cfg)  # reads and checks the data, builds the model: fails before training
-        self.trainer = Trainer(cfg, task, env)
+        self.trainer = Trainer(cfg, task, env, tracker)
         self.upop = cfg.upop_config(cfg.train.search_epochs * self.trainer.steps_per_epoch)
         self.state = RunState(out / "state", config_hash(cfg))
         self.progress = p = self.state.progress() or Progress()
         if p.phase != "dense" or p.epoch:
             log.info("resuming from %s: phase %s, epoch %d", self.state.folder, p.phase, p.epoch)
         self.model = task.model
-        self.structures = [s.describe(self.upop.granularity) for s in discover(self.model)]
+        self.found = discover(self.model)  # of the dense model: the search's structures
+        self.structures = [s.describe(self.upop.granularity) for s in self.found]
         log.info("%s: %d prunable structures, %.2fM params", type(self.model).__name__, len(self.structures),
                  count_params(self.model) / 1e6)
         self.plan = self.state.plan() if p.phase in ("retrain", "done") else None
@@ -99,10 +88,9 @@ class Run:
     def train(self, phase: str, epochs: int, lr: float, search: UPopSearch | None = None,
               after=lambda epoch: "") -> None:
         """The phase skeleton: the epochs left, each followed by `after(epoch)` (what to log) and a checkpoint.
-        The learning rate is constant during the search (the paper), a cosine otherwise."""
-        p, t = self.progress, self.cfg.train
-        steps = epochs * self.trainer.steps_per_epoch
-        lr_at = (lambda _: lr) if search is not None else cosine(lr, t.min_lr, steps, t.warmup_steps)
+        The learning rate is constant during the search (the paper), train.schedule otherwise."""
+        p, steps = self.progress, epochs * self.trainer.steps_per_epoch
+        lr_at = (lambda _: lr) if search is not None else lr_schedule(self.cfg.train, lr, steps)
         wrapped = self.trainer.wrap(self.model)
         optimizer = self.trainer.optimizer(self.model, lr)
         if p.epoch:
@@ -111,7 +99,8 @@ class Run:
                 self.state.load_search(search)
         for epoch in range(p.epoch, epochs):
             start = time.time()
-            loss = self.trainer.epoch(wrapped, optimizer, phase=phase, epoch=epoch, lr_at=lr_at, search=search)
+            loss = self.trainer.epoch(wrapped, optimizer, phase=phase, epoch=epoch, lr_at=lr_at, search=search,
+                                      step_offset=self.trainer.first_step(phase))
             p.wall[phase] = p.wall.get(phase, 0) + time.time() - start
             require_finite(self.model, f"{phase} epoch {epoch + 1}")  # before validating or saving it
             log.info("%s epoch %d: loss %.4f%s", phase, epoch + 1, loss, after(epoch))
@@ -120,13 +109,26 @@ class Run:
 
     def dense(self) -> None:
         self.train("dense", self.cfg.train.dense_epochs, self.cfg.train.dense_lr)
-        d = self.progress.dense = measure(self.cfg, self.task, self.model, self.env.device)
+        # timed at the end, side by side with the compressed model (measure.cpu_latency)
+        d = self.progress.dense = measure(self.cfg, self.task, self.model, self.env.device, latency=False)
+        self.tracker.log_scalars(d, self.trainer.first_step("search"), prefix="dense")
         log.info("dense model: %s %.2f (test), %.2fM params, %.3f GFLOPs", self.task.metric, d["metric"],
                  d["params"] / 1e6, d["flops"] / 1e9)
+        if self.env.main:  # on disk before the progress names the search
+            self.state.save_dense(self.model)
+        self.env.barrier()
+
+    def latency_model(self) -> LatencyModel:
+        """upop.budget latency: the tables, measured before the masks exist on rank 0 only (every rank
+        cuts on the same numbers), kept in the state for a resumed search and the final report."""
+        lm = (self.state.latency() or self.state.save_latency(budget_latency_model(
+            self.task, self.model.to(self.env.device), self.found, self.upop))) if self.env.main else None
+        return LatencyModel.from_dict(self.env.agree(lm.to_dict() if lm else None))
 
     def search(self) -> None:
         t, env, task, model = self.cfg.train, self.env, self.task, self.model
-        search = UPopSearch(model, self.upop)
+        lm = self.latency_model() if self.upop.budget == "latency" else None
+        search = UPopSearch(model, self.upop, structures=self.found, latency=lm)
         self.train("search", t.search_epochs, t.search_lr, search,
                    after=lambda _: f", ratio {search.current_ratio:.3f} of {self.upop.target:.2f}")
         plan = self.plan = search.plan()
@@ -138,6 +140,7 @@ class Run:
         self.progress.searched = {"metric": task.evaluate(model, "test", env.device)[task.metric],
                                   "params": count_params(model), "flops": count_flops(model, example)}
         log.info("after search, before retraining: test %s %.2f", task.metric, self.progress.searched["metric"])
+        self.tracker.log_scalars(self.progress.searched, self.trainer.first_step("retrain"), prefix="searched")
         if env.main:  # on disk before the progress names the retraining
             self.state.save_plan(plan)
             write_text(self.out / "plan.json", plan.to_json())
@@ -148,7 +151,9 @@ class Run:
         t, p, task = self.cfg.train, self.progress, self.task
 
         def validate(epoch: int) -> str:  # the model kept is chosen on validation
-            val = task.evaluate(self.model, "val", self.env.device)[task.metric]
+            metrics = task.evaluate(self.model, "val", self.env.device)
+            self.tracker.log_scalars(metrics, self.trainer.first_step("retrain", epoch + 1), prefix="val")
+            val = metrics[task.metric]
             improved = p.best is None or val > p.best
             if improved:
                 self.save_model(f"retrain epoch {epoch + 1}: best model")
@@ -166,33 +171,29 @@ class Run:
         self.env.barrier()
 
     def final(self) -> dict[str, Any]:
-        """Measure the selected compressed model; the report, with metrics.json last."""
-        cfg, env, p, plan = self.cfg, self.env, self.progress, self.plan
+        """Measure the compressed model (timed side by side with the dense one); the report, metrics.json last."""
+        cfg, env, p, plan, task = self.cfg, self.env, self.progress, self.plan, self.task
         if not (self.out / "model").is_dir():
             raise self.state.damaged(self.out / "model", "is missing although the retraining ran")
-        compressed = measure(cfg, self.task, from_pretrained(self.out / "model").to(env.device), env.device)
+        model = from_pretrained(self.out / "model").to(env.device)
+        dense, compressed = dict(p.dense), measure(cfg, task, model, env.device, latency=False)
+        timed = env.agree(final_timings(cfg, task, self.upop, lambda: self.state.load_dense(task.build_fresh_model()),
+                                        model, plan, lambda: self.state.latency(required=True)) if env.main else None)
+        for name, section in (("dense", dense), ("compressed", compressed)):  # one side-by-side measurement
+            section.update(timed.get("cpu", {}).get(name, {}))
         metrics = {
-            "task": self.task.name, "metric": self.task.metric, "model": cfg.model.preset or cfg.model.name,
-            "dense": p.dense, "searched": p.searched, "compressed": compressed,
-            "prunable_params": plan.stats.get("prunable_params"), "target": self.upop.target,
-            "achieved": plan.stats.get("achieved"), "budget": self.upop.budget,
+            "task": task.name, "metric": task.metric, "model": cfg.model.preset or cfg.model.name,
+            "dense": dense, "searched": p.searched, "compressed": compressed,
+            "speedup": report.speedups(dense, compressed), "prunable_params": plan.stats.get("prunable_params"),
+            "target": self.upop.target, "achieved": plan.stats.get("achieved"), "budget": self.upop.budget,
+            **({"latency_budget": timed["budget"]} if "budget" in timed else {}),
             "wall_time_s": {**p.wall, "total": time.time() - self.started}, "world_size": env.world,
             "config": cfg.to_dict(), "config_hash": self.state.config_hash, "versions": report.versions(),
         }
+        self.tracker.log_summary({k: metrics[k] for k in ("dense", "searched", "compressed", "speedup", "achieved",
+                                                           "target", "wall_time_s")})
         if env.main:
             report.write_report(self.out, metrics, plan.to_dict(), self.structures)
             log.info("\n%s\nresults in %s", report.format_table(metrics), self.out)
         env.barrier()
         return metrics
-
-
-def run_evaluate(cfg: RunConfig, model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Evaluate a model saved by upop.save_pretrained on the run config's test data."""
-    env = init_distributed()
-    setup_logging(Path(cfg.output_dir).expanduser(), env.main)
-    model = from_pretrained(model_dir)  # checks the folder before the data is read
-    task = make_task(cfg)
-    result = measure(cfg, task, model.to(env.device), env.device)
-    log.info("%s: %s %.2f, %.2fM params, %.3f GFLOPs, latency %s", model_dir, task.metric, result["metric"],
-             result["params"] / 1e6, result["flops"] / 1e9, result["latency_ms"])
-    return result

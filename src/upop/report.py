@@ -212,11 +212,24 @@ def _metric_change(dense: Any, new: Any) -> str:
     return f"{c - d:+.2f}{rel}"
 
 
-def _speedup(dense: Any, new: Any) -> str:
+def _ratio(dense: Any, new: Any) -> float | None:
     d, c = _num(dense), _num(new)
-    if d is None or c is None or d <= 0 or c <= 0:
+    return d / c if d is not None and c is not None and d > 0 and c > 0 else None
+
+
+def _speedup(dense: Any, new: Any) -> str:
+    r = _ratio(dense, new)
+    if r is None:
         return NA
-    return f"{d / c:.2f}x faster" if d >= c else f"{c / d:.2f}x slower"
+    return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+
+
+def speedups(dense: dict[str, Any], compressed: dict[str, Any]) -> dict[str, float | None] | None:
+    """Dense / compressed median latency per batch key (metrics.json's "speedup"); None when not timed.
+    Both come from one side-by-side measurement (measure.cpu_latency)."""
+    if not isinstance(dense.get("latency_ms"), dict) or not isinstance(compressed.get("latency_ms"), dict):
+        return None
+    return {k: _ratio(v, compressed["latency_ms"].get(k)) for k, v in dense["latency_ms"].items()}
 
 
 def _section(metrics: dict[str, Any], key: str) -> dict[str, Any]:
@@ -224,9 +237,16 @@ def _section(metrics: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _latency(section: dict[str, Any], key: str) -> Any:
-    latency = section.get("latency_ms")
+def _latency(section: dict[str, Any], key: str, field: str = "latency_ms") -> Any:
+    latency = section.get(field)
     return latency.get(key) if isinstance(latency, dict) else None
+
+
+def _latency_cell(section: dict[str, Any], key: str) -> str:
+    """The median, and its interquartile range where measured: "12.3±0.4" (one word: tables split on spaces)."""
+    iqr = _num(_latency(section, key, "latency_iqr_ms"))
+    median = _fmt(_latency(section, key), 1)
+    return median if iqr is None or median == NA else f"{median}±{iqr:.1f}"
 
 
 def _batch_keys(metrics: dict[str, Any]) -> list[str]:
@@ -259,7 +279,7 @@ def comparison_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]
     ]
     for key in _batch_keys(metrics):
         label = f"latency batch {key.removeprefix('batch')} (ms)"
-        rows.append([label, *(_fmt(_latency(data[s], key), 1) for s in sections),
+        rows.append([label, *(_latency_cell(data[s], key) for s in sections),
                      _speedup(_latency(dense, key), _latency(comp, key))])
     return header, rows
 
@@ -323,6 +343,23 @@ def _percent(value: Any, digits: int = 1) -> str:
     return NA if v is None else f"{100 * v:.{digits}f}%"
 
 
+def _latency_budget_lines(entry: Any) -> list[str]:
+    """report.md's section on a latency budget: the plan's predicted latency and the compressed model's measured one."""
+    if not isinstance(entry, dict):
+        return []
+    where = f"{entry.get('runtime') or NA} on {entry.get('device') or NA}, batch {entry.get('batch') or NA}"
+    return ["", "## Latency budget", "", f"Measured tables ({where}, {entry.get('threads') or NA} threads):", "",
+            f"- target: remove {_percent(entry.get('target'))} of the width-dependent latency; the plan removes "
+            f"{_percent(entry.get('removed_linear'))} (linear unit costs), {_percent(entry.get('removed_measured'))} "
+            "of the prunable structures' measured time",
+            f"- dense model: {_fmt(entry.get('model_ms'), 2)} ms measured",
+            f"- compressed model: {_fmt(entry.get('predicted_ms'), 2)} ms predicted, "
+            f"{_fmt(entry.get('measured_ms'), 2)} ms measured (±{_fmt(entry.get('measured_iqr_ms'), 2)}; "
+            f"prediction error {_percent(entry.get('prediction_error'))})",
+            f"- speed-up: {_fmt(entry.get('predicted_speedup'))}x predicted, {_fmt(entry.get('measured_speedup'))}x "
+            "measured"]
+
+
 # ---- the report -------------------------------------------------------------------------------
 def render_markdown(metrics: dict[str, Any], plan: dict[str, Any], structures: list[dict[str, Any]],
                     picture: str | None = "kept_widths.png") -> str:
@@ -343,7 +380,10 @@ def render_markdown(metrics: dict[str, Any], plan: dict[str, Any], structures: l
 
     header, rows = comparison_rows(metrics)
     md += ["", "## Before / after", "", *_md_table(["", *header[1:]], rows)]
-    md += ["", "Change: compressed vs dense (the metric in points, relative %; latency as a speed-up)."]
+    md += ["", "Change: compressed vs dense (the metric in points, relative %; latency as a speed-up). Latency: CPU, "
+           "milliseconds per forward, the median of timed blocks ± their interquartile range, the dense and the "
+           "compressed model timed in one process, interleaved."]
+    md += _latency_budget_lines(metrics.get("latency_budget"))
 
     dense_m, comp_m = _section(metrics, "dense").get("metrics"), _section(metrics, "compressed").get("metrics")
     searched_m = _section(metrics, "searched").get("metrics")

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .files import atomic_folder, check_finite, write_json, write_text
+from .latency import LatencyModel
 from .plan import PlanError, PruningPlan
 from .runconfig import ConfigError, RunConfig
 from .search import UPopSearch
@@ -39,9 +40,13 @@ MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 SEARCH = "search.safetensors"
 PLAN = "plan.json"
+DENSE = "dense"  # state/dense/model.safetensors: the dense model, for the final side-by-side timing
+LATENCY = "latency.json"  # upop.budget latency: the tables the search cut on (LatencyModel.to_dict)
 # what a run writes at the top of its output folder (replaced together by overwrite=True);
 # metrics.json comes last: it marks a finished run
-PRODUCTS = ("metrics.json", "report.md", "kept_widths.png", PLAN, "model", "state")
+PRODUCTS = ("metrics.json", "report.md", "kept_widths.png", PLAN, "model", "state",
+            # upop.tracking's logs when log.dir is unset: the replaced run's curves are not continued
+            "metrics.jsonl", "tensorboard", "wandb", "wandb_run_id", "mlruns", "mlflow_run_id")
 
 
 class OutputDirBusyError(ConfigError):
@@ -187,7 +192,9 @@ class Progress:
 
 
 class RunState:
-    """Checkpoints of a run in `<output_dir>/state`."""
+    """Checkpoints of a run in `<output_dir>/state`, and what later phases need of earlier ones:
+    the dense model (state/dense, written once at the end of the dense phase), the plan, and the
+    latency tables of a latency budget."""
 
     def __init__(self, folder: Path, config_hash: str) -> None:
         self.folder = folder
@@ -222,6 +229,7 @@ class RunState:
         needed = [checkpoint / MODEL] + [checkpoint / OPTIMIZER] * (progress.epoch > 0 and progress.phase != "done")
         needed += [checkpoint / SEARCH] * (progress.epoch > 0 and progress.phase == "search")
         needed += [self.folder / PLAN] * (progress.phase in ("retrain", "done"))
+        needed += [self.folder / DENSE / MODEL] * (progress.phase != "dense")
         for file in needed:
             if not file.is_file():
                 raise self.damaged(file, "is missing")
@@ -245,11 +253,41 @@ class RunState:
                                             "checkpoint": name})
         self.checkpoint = target
         for old in self.folder.iterdir():  # only now is the previous checkpoint unneeded
-            if old.is_dir() and old != target:
+            if old.is_dir() and old != target and old.name != DENSE:
                 shutil.rmtree(old, ignore_errors=True)
 
     def save_plan(self, plan: PruningPlan) -> None:
         write_text(self.folder / PLAN, plan.to_json())
+
+    def save_dense(self, model: nn.Module) -> None:
+        require_finite(model, "the dense model")
+        with atomic_folder(self.folder / DENSE) as staging:
+            save_model(model, str(staging / MODEL))
+
+    def load_dense(self, model: nn.Module) -> nn.Module:
+        """`model` (a fresh one of the dense architecture) with the dense weights of this run."""
+        path = self.folder / DENSE / MODEL
+        try:
+            load_model(model, str(path))
+        except Exception as exc:
+            raise self.damaged(path, f"cannot be loaded ({_first_line(exc)})") from None
+        return model
+
+    def save_latency(self, lm: LatencyModel) -> LatencyModel:
+        write_json(self.folder / LATENCY, lm.to_dict())
+        return lm
+
+    def latency(self, required: bool = False) -> LatencyModel | None:
+        """The latency tables saved by save_latency; None when there are none (unless `required`)."""
+        path = self.folder / LATENCY
+        if not path.is_file():
+            if required:
+                raise self.damaged(path, "is missing (upop.budget latency)")
+            return None
+        try:
+            return LatencyModel.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise self.damaged(path, _first_line(exc)) from None
 
     def _file(self, name: str) -> Path:
         if self.checkpoint is None:

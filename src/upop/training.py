@@ -9,7 +9,6 @@ more than `upop.max_skipped_fraction` of them stops the run with one line.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -27,9 +26,11 @@ from tqdm import tqdm
 
 from .data import DataError, drop_none
 from .data._common import printable
+from .optim import build_optimizer, cosine  # noqa: F401 (cosine: benchmarks import it from here)
 from .runconfig import ConfigError, RunConfig
 from .search import NonFiniteError, UPopSearch
 from .tasks import Task
+from .tracking import Tracker, TrackingError, tracker_from_config
 
 log = logging.getLogger("upop")
 PHASES = ("dense", "search", "retrain", "done")  # the order of a run; the index seeds each phase
@@ -99,12 +100,22 @@ def setup_logging(out_dir: Path, main: bool) -> None:
         log.addHandler(file)
 
 
+def start_tracking(cfg: RunConfig, out_dir: Path, env: Dist) -> Tracker:
+    """The run's tracker (upop.tracking, the `log:` section; rank 0 only logs); a backend that cannot
+    start is a one-line ConfigError."""
+    try:
+        return tracker_from_config(cfg.log, out_dir, cfg.to_dict(), main=env.main)
+    except TrackingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 # ---- training ------------------------------------------------------------------------------------
 class Trainer:
     """One loop for the three phases: dense training, search, retraining."""
 
-    def __init__(self, cfg: RunConfig, task: Task, env: Dist) -> None:
+    def __init__(self, cfg: RunConfig, task: Task, env: Dist, tracker: Tracker | None = None) -> None:
         self.cfg, self.task, self.env = cfg, task, env
+        self.tracker = tracker or Tracker()  # no backend: logs nothing
         t = cfg.train
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision)
         self.scaler = torch.amp.GradScaler(env.device.type) if t.mixed_precision == "fp16" else None
@@ -125,6 +136,12 @@ class Trainer:
         self.skipped: dict[str, int] = {}
         self.max_skipped = cfg.upop_config(1).max_skipped_fraction
 
+    def first_step(self, phase: str, epoch: int = 0) -> int:
+        """The run's step count where `epoch` of `phase` starts (the tracker's x axis; the same on a resume)."""
+        t = self.cfg.train
+        before = {"dense": 0, "search": t.dense_epochs, "retrain": t.dense_epochs + t.search_epochs}
+        return (before.get(phase, t.dense_epochs + t.search_epochs + t.retrain_epochs) + epoch) * self.steps_per_epoch
+
     def wrap(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
         if self.env.world > 1:
@@ -133,22 +150,14 @@ class Trainer:
         return model
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on biases, norms, embeddings and position tables (DeiT's recipe);
-        each group carries its `lr_scale` (train.lr_multipliers) for the schedules."""
-        multipliers = self.cfg.train.lr_multipliers
-        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            scale = next((float(f) for prefix, f in multipliers.items() if name.startswith(prefix)), 1.0)
-            exempt = p.ndim < 2 or "position" in name or "embedding" in name
-            groups.setdefault((scale, exempt), []).append(p)
-        wd = self.cfg.train.weight_decay
-        return torch.optim.AdamW([{"params": ps, "weight_decay": 0.0 if exempt else wd, "lr_scale": scale}
-                                  for (scale, exempt), ps in groups.items()], lr=lr)
+        """train.optimizer over `model` (upop.optim: DeiT's weight-decay groups, each with its lr_scale)."""
+        return build_optimizer(model, lr, self.cfg.train)
 
     def epoch(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, phase: str, epoch: int,
-              lr_at: Callable[[int], float], search: UPopSearch | None = None) -> float:
+              lr_at: Callable[[int], float], search: UPopSearch | None = None, step_offset: int = 0) -> float:
+        """One epoch; returns its mean loss. Every log.every_n_steps optimiser steps the tracker gets
+        `<phase>/loss` (of that step), lr, epoch (fractional: 1.0 at the end of the first) and the
+        search's ratio, at the run's step `step_offset` + the step within the phase."""
         cfg, env = self.cfg, self.env
         _reseed(cfg.seed, phase, epoch)
         self.sampler.set_epoch(epoch)
@@ -183,6 +192,12 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             if search is not None:
                 search.step(grad_scale=grad_scale, skip=not finite)
+            if self.tracker.due(step_offset + global_step):
+                values = {"loss": sum(losses[-accum:]) / accum, "lr": lr_at(global_step),
+                          "epoch": epoch + (step + 1) / self.steps_per_epoch}
+                if search is not None:
+                    values["ratio"] = search.current_ratio
+                self.tracker.log_scalars(values, step_offset + global_step, prefix=phase)
             if env.main and step % 10 == 0:
                 postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
                 if search is not None:
@@ -231,13 +246,3 @@ class Trainer:
 
 def _reseed(seed: int, phase: str, epoch: int) -> None:
     torch.manual_seed(seed * 100_003 + PHASES.index(phase) * 1009 + epoch)
-
-
-def cosine(lr: float, min_lr: float, total: int, warmup: int = 0) -> Callable[[int], float]:
-    """Linear warmup over `warmup` steps, then cosine decay from lr to min_lr at `total`."""
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress = min(step - warmup, total - warmup) / max(1, total - warmup)
-        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    return lr_at
