@@ -9,6 +9,7 @@ process on the same inputs, interleaved, as a median with its interquartile rang
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from .latency import LatencyModel, LatencySettings, build_latency_model, measure
 from .plan import PruningPlan
 from .runconfig import RunConfig
 from .structures import Structure
+
+log = logging.getLogger("upop")
 
 
 def measure(cfg: RunConfig, task: Any, model: nn.Module, device: torch.device, split: str = "test", *,
@@ -60,7 +63,12 @@ def budget_latency_model(task: Any, model: nn.Module, structures: list[Structure
     inputs = {k: v.to(device) for k, v in task.example_inputs(upop.latency_batch).items()}
     tokens = measure_tokens(model, structures, inputs)
     settings = LatencySettings(runtime=upop.latency_runtime, batch=upop.latency_batch)
-    return build_latency_model(structures, upop.granularity, tokens, settings, model=model, example_inputs=inputs)
+    log.info("timing %d structures on %s (%s, batch %d) for the latency budget", len(structures),
+             upop.latency_runtime, device, upop.latency_batch)
+    lm = build_latency_model(structures, upop.granularity, tokens, settings, model=model, example_inputs=inputs)
+    log.info("latency tables: %d points measured, the rest from %s; whole model %.2f ms", lm.measured_points,
+             lm.cache_path, lm.model_ms or float("nan"))
+    return lm
 
 
 def latency_budget(lm: LatencyModel, plan: PruningPlan, target: float, task: Any, model: nn.Module) -> dict[str, Any]:
