@@ -18,9 +18,10 @@ from torch import nn
 
 import upop
 from upop.costs import eager_attention
+from upop.optim import cosine
 from upop.runconfig import RunConfig
 from upop.tasks import Task
-from upop.training import Trainer, cosine
+from upop.training import Trainer
 
 
 @dataclass

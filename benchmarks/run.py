@@ -36,9 +36,10 @@ import torch  # noqa: E402
 
 import upop  # noqa: E402
 from upop.files import write_json  # noqa: E402
+from upop.optim import cosine  # noqa: E402
 from upop.runconfig import load_run_config  # noqa: E402
 from upop.tasks import make_task  # noqa: E402
-from upop.training import Dist, Trainer, cosine  # noqa: E402
+from upop.training import Dist, Trainer  # noqa: E402
 
 from . import render  # noqa: E402
 from .methods import METHODS, Bench  # noqa: E402

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 import upop
 from upop import pipeline
 from upop.data import DataError
+from upop.evaluate import run_evaluate
 from upop.metrics import recall_at_k
 from upop.models.blip import blip_config, blip_tokenizer
 from upop.runconfig import load_run_config
@@ -232,7 +233,7 @@ def test_compress_then_evaluate_end_to_end(karpathy, tmp_path):
         assert m["r_mean"] == pytest.approx((m["txt_r_mean"] + m["img_r_mean"]) / 2)
     assert json.loads((out / "model" / "upop_model.json").read_text())["class"] == "BlipForImageTextRetrieval"
     # `upop evaluate` on the saved model measures what the run measured
-    again = pipeline.run_evaluate(cfg, out / "model")
+    again = run_evaluate(cfg, out / "model")
     assert again["metrics"] == pytest.approx(metrics["compressed"]["metrics"], abs=1e-6)
     assert again["params"] == metrics["compressed"]["params"]
 
@@ -426,8 +427,18 @@ def test_paper_recipe_end_to_end(karpathy, tmp_path):
     assert json.loads((out / "model" / "upop_model.json").read_text())["class"] == "BlipForRetrievalWithTemp"
     reloaded = upop.from_pretrained(out / "model")
     assert 0.001 <= float(reloaded.temp.detach()) <= 0.5
-    again = pipeline.run_evaluate(cfg, out / "model")
+    again = run_evaluate(cfg, out / "model")
     assert again["metrics"] == pytest.approx(metrics["compressed"]["metrics"], abs=1e-6)
+    # the pipeline ran the task's hooks: the momentum copy and its queue are saved with the last
+    # checkpoint, the copy sliced with the same plan as the model, the queue filled by the steps
+    from safetensors.torch import load_file
+
+    progress = json.loads((out / "state" / "progress.json").read_text())
+    extra = load_file(str(out / "state" / progress["checkpoint"] / "task.safetensors"))
+    shapes = {f"momentum.model.{k}": tuple(v.shape) for k, v in reloaded.state_dict().items()}
+    copied = {k: tuple(v.shape) for k, v in extra.items() if k.startswith("momentum.model.")}
+    assert copied and all(shapes[k] == shape for k, shape in copied.items() if k in shapes)
+    assert int(extra["momentum.queue.pointer"][1]) > 0  # entries enqueued
 
 
 def test_local_folder_with_learned_temperature_keeps_it(karpathy, tmp_path):

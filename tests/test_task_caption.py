@@ -13,8 +13,9 @@ import yaml
 from PIL import Image, ImageDraw
 
 import upop
-from upop import cli, pipeline
+from upop import cli
 from upop.data import DataError
+from upop.evaluate import run_evaluate
 from upop.metrics import caption as cm
 from upop.runconfig import load_run_config
 from upop.tasks import make_task
@@ -247,7 +248,7 @@ def test_caption_compress_then_evaluate(coco, tmp_path, capsys):
     assert all(isinstance(r["caption"], str) and "picture of" not in r["caption"] for r in results)
     assert (out / "captions" / f"test-{metrics['dense']['params']}.json").is_file()
     # evaluating the saved model reproduces the run's final numbers
-    result = pipeline.run_evaluate(load_run_config(config, [f"output_dir={tmp_path / 'eval'}"]), out / "model")
+    result = run_evaluate(load_run_config(config, [f"output_dir={tmp_path / 'eval'}"]), out / "model")
     assert result["metrics"] == pytest.approx(scores)
     assert json.loads((tmp_path / "eval" / "captions_test.json").read_text()) == results
 

@@ -15,6 +15,7 @@ from families import Family
 from helpers import run_search
 from upop import cli, pipeline
 from upop.data import ADE20KDataset, DataError, build_openmoji, build_openmoji_seg, load_annotation
+from upop.evaluate import run_evaluate
 from upop.metrics import confusion_matrix, segmentation_metrics
 from upop.models import ARCHITECTURES
 from upop.models.segmenter import SegmenterConfig, SegmenterForSemanticSegmentation
@@ -278,9 +279,9 @@ def test_segmentation_compress_then_evaluate(ade, tmp_path, capsys):
     for key in ("miou", "macc", "pixel_acc"):
         assert 0 <= metrics["compressed"]["metrics"][key] <= 100
     # the saved model gives the same numbers again, single-scale; multi-scale runs too
-    result = pipeline.run_evaluate(load_run_config(config), out / "model")
+    result = run_evaluate(load_run_config(config), out / "model")
     assert result["metrics"] == metrics["compressed"]["metrics"]
-    multi = pipeline.run_evaluate(load_run_config(config, ["segmentation.multiscale=true"]), out / "model")
+    multi = run_evaluate(load_run_config(config, ["segmentation.multiscale=true"]), out / "model")
     assert 0 <= multi["metric"] <= 100 and multi["metrics"] != result["metrics"]
     assert cli.main(["evaluate", "--model", str(out / "model"), "--config", str(config)]) == 0
     assert "miou" in capsys.readouterr().out

@@ -12,10 +12,11 @@ import yaml
 from PIL import Image, ImageDraw
 
 import upop
-from upop import cli, pipeline
+from upop import cli
 from upop.data import DataError
 from upop.data.openmoji_vqa import annotations_file, build_openmoji_vqa, questions_file
 from upop.data.vqav2 import VQAv2Dataset, answer_weights, image_pattern, split_files
+from upop.evaluate import run_evaluate
 from upop.metrics import normalize_answer, vqa_accuracy
 from upop.runconfig import load_run_config
 from upop.tasks.vqa import VQATask
@@ -302,7 +303,7 @@ def test_compress_then_evaluate(vqav2, tmp_path, capsys):
                for a in json.loads((vqav2 / "val_answers.json").read_text())["annotations"]}
     rescored = 100 * sum(vqa_accuracy(r["answer"], answers[r["question_id"]]) for r in results) / len(results)
     assert rescored == pytest.approx(final["accuracy"])
-    again = pipeline.run_evaluate(load_run_config(path), out / "model")
+    again = run_evaluate(load_run_config(path), out / "model")
     assert again["metrics"]["accuracy"] == pytest.approx(final["accuracy"])
     assert again["params"] == metrics["compressed"]["params"]
 

@@ -64,7 +64,6 @@ def test_median_and_spread_tell_a_slower_model_apart():
 def test_evaluate_and_the_pipeline_share_one_measure():
     assert evaluate.measure is measure.measure
     assert not hasattr(pipeline, "measure") or pipeline.measure is measure.measure
-    assert pipeline.run_evaluate is evaluate.run_evaluate  # the one `upop evaluate`
 
 
 def test_speedups_from_one_measurement():

@@ -54,7 +54,7 @@ def load_dense(folder: Path) -> nn.Module:
     folder runs (its auto_map is never read)."""
     import transformers
 
-    from .models import ARCHITECTURES
+    from .registry import architecture  # project-built classes (NLVR2, Segmenter), by name
 
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -62,7 +62,7 @@ def load_dense(folder: Path) -> nn.Module:
         raise CheckpointError(f"{folder / 'config.json'} cannot be read: {str(exc)[:200]}") from None
     names = config.get("architectures") if isinstance(config, dict) else None
     name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
-    cls = (ARCHITECTURES.get(name) or getattr(transformers, name, None)) if name else None
+    cls = (architecture(name) or getattr(transformers, name, None)) if name else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"{folder / 'config.json'}: architectures {str(names)[:80]} names no transformers "
                               "model class")

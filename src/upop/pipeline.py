@@ -17,9 +17,7 @@ from .adapters import discover
 from .checkpoint import from_pretrained, save_pretrained
 from .compress import apply_plan
 from .costs import count_flops, count_params
-from .evaluate import run_evaluate  # noqa: F401 (the one `upop evaluate`; tests of the tasks call it from here)
 from .files import write_text
-from .latency import LatencyModel
 from .measure import budget_latency_model, final_timings, measure
 from .optim import lr_schedule
 from .runconfig import RunConfig
@@ -69,6 +67,7 @@ class Run:
             self.model = apply_plan(task.build_fresh_model(), self.plan)
         if p.phase != "dense" or p.epoch:
             self.state.load_model(self.model)
+            task.load_extra_state(self.state.load_extra())  # what the task keeps outside the model
 
     def run(self) -> dict[str, Any]:
         for phase, following in zip(PHASES, PHASES[1:], strict=False):
@@ -82,7 +81,7 @@ class Run:
                    search: UPopSearch | None = None) -> None:
         require_finite(self.model, what)  # on every rank: all stop together
         if self.env.main:
-            self.state.save(self.progress, self.model, optimizer, search, what=what)
+            self.state.save(self.progress, self.model, optimizer, search, what=what, extra=self.task.extra_state())
         self.env.barrier()
 
     def train(self, phase: str, epochs: int, lr: float, search: UPopSearch | None = None,
@@ -118,21 +117,15 @@ class Run:
             self.state.save_dense(self.model)
         self.env.barrier()
 
-    def latency_model(self) -> LatencyModel:
-        """upop.budget latency: the tables, measured before the masks exist on rank 0 only (every rank
-        cuts on the same numbers), kept in the state for a resumed search and the final report."""
-        lm = (self.state.latency() or self.state.save_latency(budget_latency_model(
-            self.task, self.model.to(self.env.device), self.found, self.upop))) if self.env.main else None
-        return LatencyModel.from_dict(self.env.agree(lm.to_dict() if lm else None))
-
     def search(self) -> None:
         t, env, task, model = self.cfg.train, self.env, self.task, self.model
-        lm = self.latency_model() if self.upop.budget == "latency" else None
+        lm = self.state.shared_latency(env, lambda: budget_latency_model(  # measured before the masks exist
+            task, model.to(env.device), self.found, self.upop)) if self.upop.budget == "latency" else None
         search = UPopSearch(model, self.upop, structures=self.found, latency=lm)
         self.train("search", t.search_epochs, t.search_lr, search,
                    after=lambda _: f", ratio {search.current_ratio:.3f} of {self.upop.target:.2f}")
         plan = self.plan = search.plan()
-        search.compress()
+        task.after_compress(search.compress(), plan)  # e.g. a momentum copy sliced with the same plan
         log.info("compressed: %.2fM params (%.1f%% of the prunable %s removed, target %.1f%%)",
                  count_params(model) / 1e6, 100 * plan.stats["achieved"], self.upop.budget, 100 * self.upop.target)
         # the compressed model before retraining, on the same test split as the other columns
@@ -150,7 +143,9 @@ class Run:
     def retrain(self) -> None:
         t, p, task = self.cfg.train, self.progress, self.task
 
-        def validate(epoch: int) -> str:  # the model kept is chosen on validation
+        def validate(epoch: int) -> str:  # the model kept is chosen on validation, or the last (vqa.select)
+            if not task.select_on_validation():
+                return self.save_model(f"retrain epoch {epoch + 1}: last model") or ""
             metrics = task.evaluate(self.model, "val", self.env.device)
             self.tracker.log_scalars(metrics, self.trainer.first_step("retrain", epoch + 1), prefix="val")
             val = metrics[task.metric]
@@ -167,7 +162,7 @@ class Run:
     def save_model(self, what: str) -> None:
         require_finite(self.model, what)
         if self.env.main:
-            save_pretrained(self.model, self.out / "model")
+            save_pretrained(self.model, self.out / "model", what=what, processor=self.task.built.tokenizer)
         self.env.barrier()
 
     def final(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ PROGRESS = "progress.json"
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 SEARCH = "search.safetensors"
+TASK = "task.safetensors"  # what a task keeps outside the model (e.g. a momentum copy and its queue)
 PLAN = "plan.json"
 DENSE = "dense"  # state/dense/model.safetensors: the dense model, for the final side-by-side timing
 LATENCY = "latency.json"  # upop.budget latency: the tables the search cut on (LatencyModel.to_dict)
@@ -237,7 +238,7 @@ class RunState:
         return progress
 
     def save(self, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             search: UPopSearch | None = None, *, what: str) -> None:
+             search: UPopSearch | None = None, *, what: str, extra: dict[str, torch.Tensor] | None = None) -> None:
         """Write a checkpoint, then progress.json naming it. `what` names the save in a refusal."""
         require_finite(model, what)
         name = f"{progress.phase}-{progress.epoch}"
@@ -249,6 +250,9 @@ class RunState:
                 torch.save(optimizer.state_dict(), staging / OPTIMIZER)
             if search is not None:
                 save_file({k: v.contiguous() for k, v in search.state_dict().items()}, str(staging / SEARCH))
+            if extra:
+                check_finite(extra, f"{what}: the task's state")
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(staging / TASK))
         write_json(self.folder / PROGRESS, {**dataclasses.asdict(progress), "config_hash": self.config_hash,
                                             "checkpoint": name})
         self.checkpoint = target
@@ -276,6 +280,12 @@ class RunState:
     def save_latency(self, lm: LatencyModel) -> LatencyModel:
         write_json(self.folder / LATENCY, lm.to_dict())
         return lm
+
+    def shared_latency(self, env: Dist, build: Callable[[], LatencyModel]) -> LatencyModel:
+        """upop.budget latency: the tables built once on rank 0 (kept here for a resumed search and the
+        final report) and the same on every rank, so all cut on the same numbers."""
+        lm = (self.latency() or self.save_latency(build())) if env.main else None
+        return LatencyModel.from_dict(env.agree(lm.to_dict() if lm else None))
 
     def latency(self, required: bool = False) -> LatencyModel | None:
         """The latency tables saved by save_latency; None when there are none (unless `required`)."""
@@ -313,6 +323,16 @@ class RunState:
         path = self._file(SEARCH)
         try:
             search.load_state_dict(load_file(str(path)))
+        except Exception as exc:
+            raise self.damaged(path, f"cannot be loaded ({_first_line(exc)})") from None
+
+    def load_extra(self) -> dict[str, torch.Tensor]:
+        """The task's own state saved with the checkpoint ({} when it kept none)."""
+        path = self._file(TASK)
+        if not path.is_file():
+            return {}
+        try:
+            return load_file(str(path))
         except Exception as exc:
             raise self.damaged(path, f"cannot be loaded ({_first_line(exc)})") from None
 

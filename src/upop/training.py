@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data import DataError, drop_none
 from .data._common import printable
-from .optim import build_optimizer, cosine  # noqa: F401 (cosine: benchmarks import it from here)
+from .optim import build_optimizer
 from .runconfig import ConfigError, RunConfig
 from .search import NonFiniteError, UPopSearch
 from .tasks import Task
@@ -169,6 +169,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
         for step in bar:
             global_step = epoch * self.steps_per_epoch + step
+            self.task.before_step(phase, epoch, step, self.steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step) * group.get("lr_scale", 1.0)
             for micro in range(accum):
@@ -185,6 +186,7 @@ class Trainer:
             finite = self._finite_gradients(optimizer)
             if finite:
                 self.scaler.step(optimizer) if self.scaler else optimizer.step()
+                self.task.after_optimizer_step(wrapped)  # e.g. a momentum copy follows; skipped steps do not
             else:
                 self._skipped(phase, global_step, search)
             if self.scaler:
