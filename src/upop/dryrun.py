@@ -542,9 +542,10 @@ def dry_run(config: str | Path, overrides: list[str] = (), scale: str = "full",
             device: str | torch.device | None = None, work_dir: str | Path | None = None) -> DryRunResult:
     """Run the dry run of one paper config (see the module docstring); raises AssertionError when the
     compressed model does not compute what the masked model computed."""
+    from .optim import lr_schedule
     from .search import UPopSearch
     from .tasks import TASKS, evaluating
-    from .training import Dist, Trainer, cosine  # the pipeline's own training loop
+    from .training import Dist, Trainer  # the pipeline's own training loop
 
     if scale not in SCALES:
         raise ConfigError(f"--dry-run-scale must be {' or '.join(SCALES)}, got {scale!r}")
@@ -597,8 +598,7 @@ def dry_run(config: str | Path, overrides: list[str] = (), scale: str = "full",
         with torch.no_grad(), evaluating(model):
             masked = [t.detach().clone() for t in _float_outputs(model(**inputs))]
         plan = search.plan()
-        search.compress()
-        task.after_compress(model, plan)
+        task.after_compress(search.compress(), plan)  # as the pipeline: e.g. the momentum copy sliced
         with torch.no_grad(), evaluating(model):
             compressed = _float_outputs(model(**inputs))
         result.max_relative_diff = relative_difference(masked, compressed)
@@ -608,7 +608,7 @@ def dry_run(config: str | Path, overrides: list[str] = (), scale: str = "full",
         optimizer = trainer.optimizer(model, dry.train.lr)
         start = time.perf_counter()
         trainer.epoch(trainer.wrap(model), optimizer, phase="retrain", epoch=0,
-                      lr_at=cosine(dry.train.lr, dry.train.min_lr, 1, 0))
+                      lr_at=lr_schedule(dry.train, dry.train.lr, 1))
         result.seconds_per_retrain_step = time.perf_counter() - start
         result.peak_rss_gib = peak_rss_bytes() / GIB
         if device.type == "cuda":
