@@ -77,6 +77,7 @@ def test_dry_run_of_a_paper_config_at_reduced_size(tmp_path, monkeypatch, capsys
     small, large = result["activation_bytes"]
     assert 0 < small < large  # more examples keep more activations
     assert result["extra_state_bytes"] > 0  # the momentum copy and its queue
+    assert result["optimizer_state_bytes"] >= 8 * result["params_before"]  # AdamW: two fp32 moments
     assert result["projected"]["total_gib"] > result["projected"]["states_gib"] > 0
     assert result["peak_rss_gib"] > 0
     assert list(tmp_path.iterdir()) == []  # the synthetic data and the run folder are removed

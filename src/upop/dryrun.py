@@ -421,15 +421,17 @@ def relative_difference(reference: list[torch.Tensor], other: list[torch.Tensor]
 
 
 def project_gpu_memory(params: int, extra_state_bytes: int, act_at: tuple[int, int], act_bytes: tuple[int, int],
-                       batch: int, ddp: bool = True) -> dict[str, float]:
+                       batch: int, ddp: bool = True, optimizer_bytes: int | None = None) -> dict[str, float]:
     """GiB on one GPU during the search (the dense model, masks attached) at `batch` examples per GPU:
-    fp32 weights + gradients + AdamW's two moments (16 B/param), DDP's gradient buckets (4 B/param,
-    gradient_as_bucket_view off), the task's state outside the model (momentum copy, queue), and the
-    activations saved for backward, linear in the batch through the two measured points."""
+    fp32 weights + gradients (8 B/param), the optimizer's state (as measured; default AdamW's two fp32
+    moments, 8 B/param), DDP's gradient buckets (4 B/param, gradient_as_bucket_view off), the task's
+    state outside the model (momentum copy, queue), and the activations saved for backward, linear
+    in the batch through the two measured points."""
     (b1, b2), (m1, m2) = act_at, act_bytes
     slope = (m2 - m1) / (b2 - b1)
     intercept = m1 - slope * b1  # batch-independent saved tensors: e.g. autocast's low-precision weight copies
-    states = params * (16 + (4 if ddp else 0))
+    optimizer_bytes = 8 * params if optimizer_bytes is None else optimizer_bytes
+    states = params * (8 + (4 if ddp else 0)) + optimizer_bytes
     activations = intercept + slope * batch
     return {"states_gib": states / GIB, "extra_state_gib": extra_state_bytes / GIB,
             "activations_per_example_gib": slope / GIB, "activations_gib": activations / GIB,
@@ -459,6 +461,7 @@ class DryRunResult:
     activation_batches: tuple[int, int] = (1, 2)
     activation_bytes: tuple[int, int] = (0, 0)
     extra_state_bytes: int = 0
+    optimizer_state_bytes: int = 0
     projected: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -592,6 +595,8 @@ def dry_run(config: str | Path, overrides: list[str] = (), scale: str = "full",
         if not search.finished:
             raise RuntimeError(f"the search ran {search.step_count} of {SEARCH_STEPS} steps")
         result.extra_state_bytes = sum(t.numel() * t.element_size() for t in task.extra_state().values())
+        result.optimizer_state_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                           for t in state.values() if isinstance(t, torch.Tensor))
         del optimizer
 
         inputs = {k: v.to(device) for k, v in task.example_inputs(DRY_BATCH).items()}
@@ -615,7 +620,8 @@ def dry_run(config: str | Path, overrides: list[str] = (), scale: str = "full",
             result.cuda_peak_gib = torch.cuda.max_memory_allocated(device) / GIB
         result.projected = project_gpu_memory(result.params_before, result.extra_state_bytes,
                                               result.activation_batches, result.activation_bytes,
-                                              cfg.train.batch_size, ddp=True)
+                                              cfg.train.batch_size, ddp=True,
+                                              optimizer_bytes=result.optimizer_state_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not result.max_relative_diff <= TOLERANCE:
