@@ -31,7 +31,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/ruff check src tests benchmarks
-	$(OFFLINE) $(BIN)/python -m pytest
+	# two test processes with one thread each use both cores better than one process with two threads
+	$(OFFLINE) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
