@@ -114,19 +114,21 @@ def read_json(path: Path, what: str = "annotation file") -> Any:
         raise DataError(f"{path}: invalid JSON: {one_line(exc)}") from exc
 
 
-def load_image(path: Path):
-    """Decode an image as RGB; decoding is lazy (per item), so errors surface here with the path."""
+def load_image(path: Path | Any, where: str | None = None):
+    """Decode an image (a path, or a file-like object such as in-memory bytes) as RGB; decoding is lazy
+    (per item), so errors surface here naming `where` (default: the path)."""
     from PIL import Image  # imported here so that the package imports without Pillow
 
+    where = where if where is not None else str(path)
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: image file not found") from exc
+        raise DataError(f"{where}: image file not found") from exc
     except MemoryError as exc:
-        raise DataError(f"{path}: cannot decode image: out of memory") from exc
+        raise DataError(f"{where}: cannot decode image: out of memory") from exc
     except Exception as exc:  # Pillow's decoders raise OSError, ValueError, EOFError, struct.error, ...
-        raise DataError(f"{path}: cannot decode image: {one_line(exc) or type(exc).__name__}") from exc
+        raise DataError(f"{where}: cannot decode image: {one_line(exc) or type(exc).__name__}") from exc
 
 
 def load_image_or_none(path: Any, on_bad_input: str, skipped: list[str], loader: Callable[[Any], Any] | None = None):

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ._common import DataError, check_mode, load_image_or_none, log_skipped, one_line, require_dir
+from ._common import DataError, check_mode, load_image, load_image_or_none, log_skipped, one_line, require_dir
 from .formats import FORMATS, DataFormat
 from .karpathy import _BadInputs, pre_caption
 
@@ -131,20 +131,12 @@ def load_splits(data: Any, required: Sequence[str]) -> dict[str, HFSplit | None]
 # ---- images ------------------------------------------------------------------------------------
 def decode_image(value: Any, where: str) -> Any:
     """An undecoded datasets.Image value ({"bytes", "path"}) as a PIL RGB image; DataError naming `where`."""
-    from PIL import Image
-
     data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, None)
     if data is None and not path:
         raise DataError(f"{where}: no image")
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as exc:
-        raise DataError(f"{where}: image file not found: {path}") from exc
-    except MemoryError as exc:
-        raise DataError(f"{where}: cannot decode image: out of memory") from exc
-    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, EOFError, struct.error, ...
-        raise DataError(f"{where}: cannot decode image: {one_line(exc) or type(exc).__name__}") from exc
+    if data is not None:
+        return load_image(io.BytesIO(data), where)
+    return load_image(path, f"{where}: {path}")
 
 
 class _Images:
