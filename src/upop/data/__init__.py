@@ -17,6 +17,7 @@ Metrics (recall@K, top-k, VQA accuracy, caption scores) live in `upop.metrics`.
 
 from ._common import BAD_INPUT_MODES, DataError, DropNone, drop_none
 from .ade20k import ADE20KDataset, load_annotation
+from .emoji_text import build_emoji_text  # noqa: F401  (registers emoji_text)
 from .fashion_mnist import CLASSES, FashionMNIST, find_fashion_mnist, load_fashion_mnist
 from .formats import FORMATS, DataFormat
 from .hf_datasets import HFImageClassification, HFRetrievalEval, HFRetrievalTrain
@@ -27,6 +28,7 @@ from .openmoji import build_openmoji
 from .openmoji_nlvr import build_openmoji_nlvr
 from .openmoji_seg import build_openmoji_seg
 from .openmoji_vqa import build_openmoji_vqa
+from .text_pairs import TextPairs, read_text_pairs  # noqa: F401  (registers text_pairs)
 from .transforms import user_transform
 from .vqav2 import VQAv2Dataset, read_vqav2
 

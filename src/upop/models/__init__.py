@@ -22,7 +22,7 @@ import transformers as tf
 from torch import nn
 
 from ..runconfig import ConfigError, ModelConfig
-from . import blip, blip_nlvr, dual, nlvr, segmenter, vit  # noqa: F401  (each registers its presets / classes)
+from . import blip, blip_nlvr, dual, nlvr, segmenter, text, vit  # noqa: F401  (each registers its presets / classes)
 from ._common import (
     ARCHITECTURES,
     CLIP_MEAN,
