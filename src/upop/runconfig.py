@@ -24,6 +24,7 @@ import yaml
 
 from .config import UPopConfig
 from .data._common import BAD_INPUT_MODES
+from .distill import ONE_FORWARD, DistillOptions, refusal
 from .tracking import LogConfig, TrackingError, check_log_config
 
 
@@ -143,6 +144,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)  # experiment tracking (upop.tracking)
+    distill: DistillOptions = field(default_factory=DistillOptions)  # the dense model as teacher (upop.distill)
     # the task's own section (YAML key: the task's name), an instance of its task's `Options`
     task_options: Any = None
 
@@ -391,6 +393,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         check_log_config(cfg.log)
     except TrackingError as exc:
         raise ConfigError(str(exc)) from None
+    cfg.distill.validate()
+    if cfg.distill.enabled and cfg.task in tasks and not tasks[cfg.task].supports_distillation:
+        raise refusal(cfg.task, ONE_FORWARD)
     if cfg.task_options is not None:
         check = getattr(cfg.task_options, "validate", None)
         if check is not None:

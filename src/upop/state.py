@@ -62,10 +62,13 @@ def require_finite(model: nn.Module, what: str) -> None:
 def config_hash(cfg: RunConfig | dict[str, Any]) -> str:
     """What identifies a run's training: its config less output_dir, eval and log (measuring or
     tracking differently does not change the run; `log` is dropped, not blanked, so the hash of a
-    run recorded before the section existed is unchanged)."""
+    run recorded before the section existed is unchanged), and less `distill` while it is off (the
+    same reason: a run without distillation keeps the hash it had before the section existed)."""
     relevant = dict(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg)
     relevant.pop("output_dir", None)
     relevant.pop("log", None)
+    if not (relevant.get("distill") or {}).get("enabled"):
+        relevant.pop("distill", None)
     relevant["eval"] = None
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

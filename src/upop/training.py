@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .data import DataError, drop_none
 from .data._common import printable
+from .distill import Distiller
 from .optim import build_optimizer
 from .runconfig import ConfigError, RunConfig
 from .search import NonFiniteError, UPopSearch
@@ -154,17 +155,20 @@ class Trainer:
         return build_optimizer(model, lr, self.cfg.train)
 
     def epoch(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, phase: str, epoch: int,
-              lr_at: Callable[[int], float], search: UPopSearch | None = None, step_offset: int = 0) -> float:
-        """One epoch; returns its mean loss. Every log.every_n_steps optimiser steps the tracker gets
-        `<phase>/loss` (of that step), lr, epoch (fractional: 1.0 at the end of the first) and the
-        search's ratio, at the run's step `step_offset` + the step within the phase."""
+              lr_at: Callable[[int], float], search: UPopSearch | None = None, step_offset: int = 0,
+              distiller: Distiller | None = None) -> float:
+        """One epoch; returns its mean loss (the task's, without distillation or sparsity). Every
+        log.every_n_steps optimiser steps the tracker gets `<phase>/loss` (of that step), lr, epoch
+        (fractional: 1.0 at the end of the first), the search's ratio and, with a `distiller`, the
+        distillation loss `distill`, at the run's step `step_offset` + the step within the phase.
+        A `distiller` adds its weight times its loss (upop.distill) to the task's loss of every step."""
         cfg, env = self.cfg, self.env
         _reseed(cfg.seed, phase, epoch)
         self.sampler.set_epoch(epoch)
         wrapped.train()
         accum = cfg.train.grad_accum
         batches = self._usable(iter(self.loader))  # iter() draws from the RNG: here, as it always did
-        losses = []
+        losses, distilled = [], []
         bar = tqdm(range(self.steps_per_epoch), desc=f"{phase} epoch {epoch + 1}", disable=not env.main,
                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
         for step in bar:
@@ -177,8 +181,16 @@ class Trainer:
                 sync = micro == accum - 1 or env.world == 1
                 ctx = nullcontext() if sync else wrapped.no_sync()
                 with ctx, torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.task.loss(wrapped, batch)
-                    total = loss + search.sparsity_loss() if search is not None else loss
+                    if distiller is None:
+                        loss = self.task.loss(wrapped, batch)
+                        total = loss
+                    else:
+                        with distiller.capture(wrapped):
+                            loss = self.task.loss(wrapped, batch)
+                        kd = distiller.loss()
+                        total = loss + distiller.options.weight * kd
+                        distilled.append(float(kd.detach()))
+                    total = total + search.sparsity_loss() if search is not None else total
                 scaled = total / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 losses.append(float(loss.detach()))
@@ -199,6 +211,8 @@ class Trainer:
                           "epoch": epoch + (step + 1) / self.steps_per_epoch}
                 if search is not None:
                     values["ratio"] = search.current_ratio
+                if distiller is not None:
+                    values["distill"] = sum(distilled[-accum:]) / accum
                 self.tracker.log_scalars(values, step_offset + global_step, prefix=phase)
             if env.main and step % 10 == 0:
                 postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}

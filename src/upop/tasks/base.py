@@ -23,6 +23,7 @@ from torchvision import transforms as T
 
 from ..data import DataError, KarpathyEval, KarpathyTrain, build_openmoji
 from ..data.formats import FORMATS
+from ..distill import ONE_FORWARD, refusal
 from ..models import BuiltModel, build_model
 from ..registry import Registry
 from ..runconfig import ConfigError, DataConfig, RunConfig
@@ -65,6 +66,8 @@ class Task:
     formats: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = NoOptions
     num_labels: int | None = None  # classes the model predicts, where the data decides them
+    # distill.enabled works: the loss calls the model's forward once (upop.distill); see check_distillation
+    supports_distillation: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -155,6 +158,31 @@ class Task:
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
         """Inputs of one forward for FLOPs (batch 1) and latency."""
         raise NotImplementedError
+
+    # ---- distillation from the dense model (upop.distill) -----------------------------------------
+    def check_distillation(self) -> None:
+        """One-line ConfigError, before any training, when this task's loss cannot be distilled (it calls
+        the model's sub-modules or its forward several times); a task whose answer depends on its options
+        overrides it."""
+        if not self.supports_distillation:
+            raise refusal(self.name, ONE_FORWARD)
+
+    def distill_views(self, output: Any, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What of one forward's `output` is distilled (the same for the model and the teacher): keys
+        starting with "logits" (KL over the last dim) or "embeds" (cosine over the last dim). `inputs`: the
+        call's keyword arguments (its positional ones, if any, under "args"). The default reads the
+        Hugging Face outputs: logits; CLIP-style logits_per_image / logits_per_text, image_embeds /
+        text_embeds; pooler_output. A bare tensor output is taken as logits."""
+        if isinstance(output, torch.Tensor):
+            return {"logits": output}
+        views = {}
+        for attr, key in (("logits", "logits"), ("logits_per_image", "logits_image"),
+                          ("logits_per_text", "logits_text"), ("image_embeds", "embeds_image"),
+                          ("text_embeds", "embeds_text"), ("pooler_output", "embeds")):
+            value = getattr(output, attr, None)
+            if isinstance(value, torch.Tensor):
+                views[key] = value
+        return views
 
     # ---- hooks of the training loop: state a task keeps outside the model (no-ops by default) -----
     def before_step(self, phase: str, epoch: int, step: int, steps_per_epoch: int) -> None:
