@@ -155,8 +155,8 @@ class TextRetrievalTask(Task):
         return retrieval_recalls(documents @ queries.t(), ds)
 
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
-        """One encoding of `batch_size` sequences of data.max_tokens tokens."""
-        return self.tokens(["a"] * batch_size, padding="max_length")
+        """One encoding of `batch_size` sequences of data.max_tokens tokens (all attended)."""
+        return self.tokens([" ".join(["a"] * self.cfg.data.max_tokens)] * batch_size, padding="max_length")
 
 
 def retrieval_recalls(sim_d2q: torch.Tensor, ds: TextPairs) -> dict[str, float]:
