@@ -5,6 +5,7 @@ disk before the progress names the next one. The same command continues after th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .adapters import discover
 from .checkpoint import from_pretrained, save_pretrained
 from .compress import apply_plan
 from .costs import count_flops, count_params
+from .distill import Distiller
 from .files import write_text
 from .measure import budget_latency_model, final_timings, measure
 from .optim import lr_schedule
@@ -51,6 +53,9 @@ class Run:
         self.cfg, self.env, self.out, self.tracker, self.started = cfg, env, out, tracker, time.time()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
         self.task = task = make_task(cfg)  # reads and checks the data, builds the model: fails before training
+        if cfg.distill.enabled:
+            task.check_distillation()
+        self.distiller: Distiller | None = None  # built on first use, from the dense weights (state/dense)
         self.trainer = Trainer(cfg, task, env, tracker)
         self.upop = cfg.upop_config(cfg.train.search_epochs * self.trainer.steps_per_epoch)
         self.state = RunState(out / "state", config_hash(cfg))
@@ -84,6 +89,20 @@ class Run:
             self.state.save(self.progress, self.model, optimizer, search, what=what, extra=self.task.extra_state())
         self.env.barrier()
 
+    def teacher(self, phase: str) -> Distiller | None:
+        """The distiller of `phase` (distill.phases), or None. Its teacher is the dense model as the search
+        starts, read back from state/dense: the same weights whether or not the run was resumed."""
+        options = self.cfg.distill
+        if not (options.enabled and phase in options.phases):
+            return None
+        if self.distiller is None:
+            dense = self.state.load_dense(self.task.build_fresh_model())
+            self.distiller = Distiller(dense, options, self.task)
+            log.info("distillation from the dense model (%s phase%s): weight %g, temperature %g, %s",
+                     " and ".join(options.phases), "s" * (len(options.phases) > 1), options.weight,
+                     options.temperature, " and ".join(k for k in ("logits", "embeddings") if getattr(options, k)))
+        return self.distiller
+
     def train(self, phase: str, epochs: int, lr: float, search: UPopSearch | None = None,
               after=lambda epoch: "") -> None:
         """The phase skeleton: the epochs left, each followed by `after(epoch)` (what to log) and a checkpoint.
@@ -92,6 +111,7 @@ class Run:
         lr_at = (lambda _: lr) if search is not None else lr_schedule(self.cfg.train, lr, steps)
         wrapped = self.trainer.wrap(self.model)
         optimizer = self.trainer.optimizer(self.model, lr)
+        distiller = self.teacher(phase)
         if p.epoch:
             self.state.load_optimizer(optimizer)
             if search is not None:
@@ -99,7 +119,7 @@ class Run:
         for epoch in range(p.epoch, epochs):
             start = time.time()
             loss = self.trainer.epoch(wrapped, optimizer, phase=phase, epoch=epoch, lr_at=lr_at, search=search,
-                                      step_offset=self.trainer.first_step(phase))
+                                      step_offset=self.trainer.first_step(phase), distiller=distiller)
             p.wall[phase] = p.wall.get(phase, 0) + time.time() - start
             require_finite(self.model, f"{phase} epoch {epoch + 1}")  # before validating or saving it
             log.info("%s epoch %d: loss %.4f%s", phase, epoch + 1, loss, after(epoch))
@@ -183,6 +203,7 @@ class Run:
             "target": self.upop.target, "achieved": plan.stats.get("achieved"), "budget": self.upop.budget,
             **({"latency_budget": timed["budget"]} if "budget" in timed else {}),
             "wall_time_s": {**p.wall, "total": time.time() - self.started}, "world_size": env.world,
+            "distill": dataclasses.asdict(cfg.distill),
             "config": cfg.to_dict(), "config_hash": self.state.config_hash, "versions": report.versions(),
         }
         self.tracker.log_summary({k: metrics[k] for k in ("dense", "searched", "compressed", "speedup", "achieved",

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataError
 from ..data.hf_datasets import retrieval_splits
+from ..distill import refusal
 from ..metrics import recall_at_k
 from ..models import BuiltModel, hub_tokenizer
 from ..models.blip import BlipForRetrievalWithTemp, with_learned_temperature
@@ -137,6 +138,16 @@ class RetrievalTask(Recipe, Task):
         o = self.options
         self.momentum = Momentum(o.momentum, o.queue_size) if o.momentum_distill else None
         self.alpha = o.alpha  # ramped by before_step over each phase's first epoch
+
+    def check_distillation(self) -> None:
+        # the dual encoder's ITC calls the model's forward once; BLIP's ITC + ITM calls its towers
+        # and heads, and momentum distillation already has a teacher of its own
+        if self.blip:
+            raise refusal(self.name, "with a BLIP model: its ITC + ITM loss calls the model's sub-modules, "
+                          "not its forward")
+        if self.momentum is not None:
+            raise refusal(self.name, "with retrieval.momentum_distill: true, which has a teacher of its own, "
+                          "the momentum copy")
 
     def check_model(self, model: nn.Module) -> None:
         dual = all(hasattr(model, m) for m in ("get_image_features", "get_text_features"))

@@ -125,6 +125,10 @@ class SegmentationTask(Recipe, Task):
         logits = model(pixel_values=batch["pixel_values"]).logits
         return segmentation_loss(logits, batch["labels"])
 
+    def distill_views(self, output: Any, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The logits per pixel: (B, K, H, W) with the classes last, so the KL runs over the classes."""
+        return {"logits": output.logits.movedim(1, -1)}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
         ds = self.limited(Mapped(self.splits[split], self._eval_item), self.cfg.data.limit_eval)

@@ -68,6 +68,7 @@ class VQATask(Recipe, Task):
     formats = ("openmoji", "vqav2")
     Options = VQAOptions
     options: VQAOptions
+    supports_distillation = False  # the loss calls the encoder and the answer decoder, never the forward
 
     @classmethod
     def load_hub_model(cls, config: Any, source: str, num_labels: int | None, **kwargs: Any) -> tuple[nn.Module, Any]:
