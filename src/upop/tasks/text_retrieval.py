@@ -90,7 +90,7 @@ class TextRetrievalTask(Task):
         super().__init__(cfg)
         data = cfg.data
         if data.format == "emoji_text":
-            root = build_emoji_text(data.root, seed=cfg.seed)
+            root = build_emoji_text(data.root)  # a fixed split: the run's seed does not change the data
             files: dict[str, str | Path] = {s: root / f"{s}.jsonl" for s in SPLITS}
         else:
             files = {s: getattr(data, s) for s in SPLITS}
