@@ -6,6 +6,7 @@ with distillation end to end and resumed with the same teacher."""
 import copy
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,6 +208,11 @@ def test_bad_distill_keys_are_one_line_errors(override, message):
         load_run_config(None, ["model.preset=tiny-dual", override])
 
 
+def test_a_distiller_checks_options_built_in_code():
+    with pytest.raises(ConfigError, match="distill.temperature must be a finite number > 0"):
+        Distiller(nn.Linear(2, 2), DistillOptions(enabled=True, temperature=-1.0), Toy())
+
+
 def test_enabled_without_anything_to_distil_and_unsupported_tasks_fail_at_load():
     base = ["model.preset=tiny-dual", "distill.enabled=true"]
     with pytest.raises(ConfigError, match="distill.logits and distill.embeddings are both false"):
@@ -225,6 +231,16 @@ def test_the_config_hash_changes_only_when_distillation_is_on():
     off = load_run_config(None, ["model.preset=tiny-dual", "distill.weight=3"])
     on = load_run_config(None, ["model.preset=tiny-dual", "distill.enabled=true"])
     assert config_hash(plain) == config_hash(old) == config_hash(off) != config_hash(on)
+
+
+def test_the_user_guides_distill_section_loads(tmp_path):
+    text = (Path(__file__).parents[1] / "docs" / "user_guide.md").read_text()
+    section = re.search(r"^### Distillation\n(.*?)(?=^#)", text, flags=re.M | re.S).group(1)
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    path = tmp_path / "run.yaml"
+    path.write_text(block + "model:\n  preset: tiny-dual\n")
+    cfg = load_run_config(path)
+    assert cfg.distill == DistillOptions(enabled=True, temperature=2.0)
 
 
 def test_upop_keys_lists_the_distill_section(capsys):

@@ -76,6 +76,7 @@ class Distiller:
     """A frozen copy of `teacher` and the distillation loss of one training step (see the module)."""
 
     def __init__(self, teacher: nn.Module, options: DistillOptions, task: Task) -> None:
+        options.validate()  # callers that build the options themselves (benchmarks) get the same checks
         # our own copy: the caller's module (e.g. a dense model other methods start from) is never touched
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         self.options, self.task = options, task
