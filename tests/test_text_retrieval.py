@@ -15,8 +15,8 @@ from torch import nn
 import upop
 from upop import cli
 from upop.data import DataError, read_text_pairs
-from upop.data.emoji_text import build_emoji_text, emoji_pairs, normalise, split_pairs
-from upop.data.text_pairs import TextPairs
+from upop.data.emoji_text import build_emoji_text, emoji_names, emoji_pairs, normalise, split_pairs
+from upop.data.text_pairs import TextPairs, text_pair_splits
 from upop.models import PRESETS, minilm_tokenizer
 from upop.runconfig import ConfigError, load_run_config
 from upop.tasks import make_task
@@ -43,6 +43,8 @@ def test_emoji_pairs_normalise_and_skip():
     assert sorted(pairs) == sorted([("thumbsup", "thumbs up"), ("flag for andorra", "andorra"),
                                     ("satisfied", "grinning squinting face"),
                                     ("laughing", "grinning squinting face")])
+    # the candidates: every kept name, with or without aliases, in code point order
+    assert emoji_names(data, fq) == ["andorra", "thumbs up", "grinning face", "grinning squinting face"]
 
 
 def test_split_pairs_keeps_each_document_in_one_split():
@@ -64,6 +66,15 @@ def test_emoji_text_build_is_disjoint_and_cached(tmp_path):
     docs = {s: set(p.documents) for s, p in splits.items()}
     assert not docs["train"] & docs["val"] and not docs["train"] & docs["test"] and not docs["val"] & docs["test"]
     assert all(q != d and q == q.lower() for p in splits.values() for q, d, _ in p)
+    # val / test: every other emoji name as a distractor, none a document of its split; train: none
+    assert {s: len(p.distractors) for s, p in splits.items()} == meta["distractors"]
+    assert not splits["train"].distractors
+    for s in ("val", "test"):
+        distractors = splits[s].distractors
+        assert len(distractors) > 1000 and len(set(distractors)) == len(distractors)
+        assert not set(distractors) & docs[s]
+        assert docs["train"] <= set(distractors)  # the other splits' documents are candidates too
+    assert set(splits["val"].candidates) == set(splits["test"].candidates)  # ~all emoji names, both splits
     stamp = (folder / "BUILD_COMPLETE.json").stat().st_mtime_ns
     assert build_emoji_text(tmp_path / "emoji_text") == folder
     assert (folder / "BUILD_COMPLETE.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
@@ -78,6 +89,29 @@ def test_text_pairs_reader(tmp_path):
     assert pairs.doc_of_query == [0, 1, 0] and pairs.queries_of_doc == [[0, 2], [1]]
     assert pairs[2] == ("e", "D1", 0)
     assert pairs.first_documents(1).queries == ["a b", "e"]
+    assert pairs.distractors == [] and pairs.candidates == ["D1", "D2"]
+
+
+def test_text_pairs_distractor_lines(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"document": "X1"}\n{"query": "a", "document": "D1"}\n{"query": null, "document": " X2 "}\n'
+                    '{"document": "D1"}\n{"document": "X1"}\n{"query": "b", "document": "D2"}\n')
+    ds = read_text_pairs(path)
+    # a distractor equal to a document (D1) or repeated (X1) is one candidate
+    assert ds.queries == ["a", "b"] and ds.documents == ["D1", "D2"] and ds.distractors == ["X1", "X2"]
+    assert ds.candidates == ["D1", "D2", "X1", "X2"] and len(ds) == 2 and ds[1] == ("b", "D2", 1)
+    cut = ds.first_documents(1)  # data.limit_eval: the first documents' queries, every distractor kept
+    assert cut.queries == ["a"] and cut.documents == ["D1"] and cut.distractors == ["X1", "X2"]
+    # training's file refuses them, naming the line; val and test accept them
+    with pytest.raises(DataError) as err:
+        read_text_pairs(path, distractors=False)
+    assert str(err.value).startswith(f"{path}: line 1: a \"document\" without a \"query\" (a distractor) "
+                                     "is for val and test only")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "q", "document": "d"}\n')
+    with pytest.raises(DataError, match="train.jsonl: line 1: a \"document\" without a \"query\""):
+        text_pair_splits({"train": path.rename(tmp_path / "train.jsonl"), "val": pairs, "test": pairs})
+    assert text_pair_splits({"train": pairs, "val": pairs, "test": tmp_path / "train.jsonl"})["test"].distractors
 
 
 @pytest.mark.parametrize(("line", "problem"), [
@@ -86,6 +120,10 @@ def test_text_pairs_reader(tmp_path):
     ('{"query": "a"}', 'line 2: "document" missing'),
     ('{"query": "  ", "document": "b"}', 'line 2: "query" is empty'),
     ('{"query": 3, "document": "b"}', 'line 2: "query" must be a string, got int'),
+    ('{"query": null}', 'line 2: neither "query" nor "document" (a pair needs both, a distractor a "document")'),
+    ('{"text": "a"}', 'line 2: neither "query" nor "document"'),
+    ('{"document": "  "}', 'line 2: "document" is empty'),
+    ('{"document": 5}', 'line 2: "document" must be a string, got int'),
 ])
 def test_text_pairs_bad_line_is_one_line_naming_file_and_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
@@ -196,6 +234,31 @@ def test_recalls_on_a_known_similarity():
     assert r["r_mean"] == pytest.approx((r["q2d_r_mean"] + r["d2q_r_mean"]) / 2)
 
 
+def test_recalls_with_distractors():
+    # documents D0 (q0), D1 (q1, q2); distractors X0, X1, then 8 more far below everything
+    ds = TextPairs.from_pairs([("q0", "D0"), ("q1", "D1"), ("q2", "D1")], distractors=[f"X{i}" for i in range(10)])
+    sim = torch.full((12, 3), -1.0)
+    sim[:4] = torch.tensor([[0.9, 0.0, 0.1],    # D0
+                            [0.1, 0.5, 0.7],    # D1
+                            [0.95, 0.6, 0.0],   # X0: above D0 for q0, above D1 for q1
+                            [0.99, 0.0, 0.0]])  # X1: also above D0 for q0
+    r = retrieval_recalls(sim, ds)
+    # q -> d over all 12 candidates: q0 rank 3 (X1, X0, D0), q1 rank 2 (X0, D1), q2 rank 1
+    assert r["q2d_r1"] == pytest.approx(100 / 3) and r["q2d_r5"] == 100.0 and r["q2d_r10"] == 100.0
+    # the same pairs without distractors: every query first
+    assert retrieval_recalls(sim[:2], TextPairs.from_pairs([("q0", "D0"), ("q1", "D1"), ("q2", "D1")]))["q2d_r1"] == 100
+    # d -> q over the 2 documents only (the distractors have no queries to rank): D0 -> q0, D1 -> q2 first
+    assert r["d2q_r1"] == 100.0 and r["d2q_r_mean"] == 100.0
+    assert r["q2d_r_mean"] == pytest.approx((100 / 3 + 200) / 3)
+    assert r["r_mean"] == pytest.approx((r["q2d_r_mean"] + 100.0) / 2)
+    with pytest.raises(ValueError, match="for 2 documents \\+ 10 distractors and 3 queries"):
+        retrieval_recalls(sim[:2], ds)
+    # a distractor ranked above a document's best query does not change d2q; a distractor row
+    # with a high score against a query is not counted as a d2q row either (it has no ground truth)
+    sim[3, 0] = 5.0
+    assert retrieval_recalls(sim, ds)["d2q_r1"] == 100.0
+
+
 class _WordVectors(nn.Module):
     """A stub encoder: each token's hidden state is a fixed vector ([CLS], [SEP], padding: 0), so a
     one-word text's mean-pooled embedding is that word's vector."""
@@ -224,9 +287,18 @@ def test_evaluate_ranks_by_the_pooled_embeddings(tmp_path):
     vectors = {ids["apple"]: [1, 0], ids["banana"]: [0, 1], ids["cherry"]: [-1, 0.2],
                ids["red"]: [1, 0.1], ids["yellow"]: [0.1, 1], ids["dark"]: [1, -0.5]}
     task.splits["val"] = TextPairs.from_pairs([("red", "apple"), ("yellow", "banana"), ("dark", "cherry")])
-    r = task.evaluate(_WordVectors(vectors, tok.vocab_size), "val", torch.device("cpu"))
+    stub = _WordVectors(vectors, tok.vocab_size)
+    r = task.evaluate(stub, "val", torch.device("cpu"))
     assert r["q2d_r1"] == pytest.approx(200 / 3)  # dark -> apple first (cherry third)
     assert r["d2q_r1"] == pytest.approx(200 / 3)  # cherry -> yellow ([0.1, 1]: 0.2 - 0.1) above dark
+    # a distractor "grape" next to "red" ([1, 0.05]: closer to red than apple is) takes red's first place
+    vectors[tok.convert_tokens_to_ids("grape")] = [1, 0.05]
+    stub = _WordVectors(vectors, tok.vocab_size)
+    task.splits["val"] = TextPairs.from_pairs([("red", "apple"), ("yellow", "banana"), ("dark", "cherry")],
+                                              distractors=["grape"])
+    r = task.evaluate(stub, "val", torch.device("cpu"))
+    assert r["q2d_r1"] == pytest.approx(100 / 3)  # yellow -> banana only
+    assert r["d2q_r1"] == pytest.approx(200 / 3)  # unchanged: the distractor is no d2q query
     # the real tiny BertModel: every recall a percentage of the split's 3 documents / 6 queries
     real = task.evaluate(task.model, "test", torch.device("cpu"))
     assert set(real) >= {"q2d_r1", "q2d_r5", "q2d_r10", "d2q_r1", "d2q_r5", "d2q_r10", "r_mean"}

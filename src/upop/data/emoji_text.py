@@ -11,9 +11,13 @@ Skin-tone variants are left out: `emoji` gives them no aliases (so no pairs), an
 unqualified sequences are left out as duplicates of their fully-qualified emoji.
 
 The split is by document (the normalised name), fixed by sha1(seed, document) -> 80/10/10 as in
-openmoji.py, so one document never appears in two splits. The output is the `text_pairs` format:
-train.jsonl / val.jsonl / test.jsonl, plus meta.json (counts, package version) and the marker file;
-it is built once into the cache folder (data.root, default ~/.cache/upop/emoji_text) and reused.
+openmoji.py, so one document never appears in two splits. val.jsonl and test.jsonl also hold, as
+distractors ({"document": name}), every other name of the same emoji (fully-qualified, no skin
+tone, normalised alike) that is not a document of that split: a query is ranked against ~all emoji
+names, as when one searches for an emoji by its alias (with only the split's ~100 documents the
+task is nearly solved by word overlap). The output is the `text_pairs` format: train.jsonl /
+val.jsonl / test.jsonl, plus meta.json (counts, package version) and the marker file; it is built
+once into the cache folder (data.root, default ~/.cache/upop/emoji_text) and reused.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .formats import add_format
 from .karpathy import pre_caption
 from .openmoji import SKIN_TONES, SPLITS, _assign_splits
 
-FORMAT_VERSION = 1  # bump when the pairs or the layout change
+FORMAT_VERSION = 2  # bump when the pairs or the layout change
 DEFAULT_EMOJI_TEXT_CACHE = Path("~/.cache/upop/emoji_text").expanduser()
 
 
@@ -39,12 +43,10 @@ def normalise(text: str) -> str:
     return pre_caption(text.strip(":").replace("_", " "))
 
 
-def emoji_pairs(emoji_data: dict[str, dict[str, Any]], fully_qualified: int | None = None) -> list[tuple[str, str]]:
-    """(alias, name) pairs of `emoji_data` (emoji.EMOJI_DATA's layout), normalised and deduplicated,
-    in code point order; entries of another status than `fully_qualified` (when given) and skin-tone
-    variants are skipped."""
-    pairs: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+def _named(emoji_data: dict[str, dict[str, Any]], fully_qualified: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """(normalised English name, entry) of the emoji kept, in code point order: entries of another
+    status than `fully_qualified` (when given), skin-tone variants and empty names skipped."""
+    out = []
     for e in sorted(emoji_data):
         info = emoji_data[e]
         if fully_qualified is not None and info.get("status") != fully_qualified:
@@ -52,14 +54,29 @@ def emoji_pairs(emoji_data: dict[str, dict[str, Any]], fully_qualified: int | No
         if SKIN_TONES.intersection(e):
             continue
         name = normalise(info.get("en", ""))
-        if not name:
-            continue
+        if name:
+            out.append((name, info))
+    return out
+
+
+def emoji_pairs(emoji_data: dict[str, dict[str, Any]], fully_qualified: int | None = None) -> list[tuple[str, str]]:
+    """(alias, name) pairs of `emoji_data` (emoji.EMOJI_DATA's layout), normalised and deduplicated,
+    in code point order, of the emoji `_named` keeps."""
+    pairs: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for name, info in _named(emoji_data, fully_qualified):
         for alias in info.get("alias") or []:
             query = normalise(alias)
             if query and query != name and any(ch.isalpha() for ch in query) and (query, name) not in seen:
                 seen.add((query, name))
                 pairs.append((query, name))
     return pairs
+
+
+def emoji_names(emoji_data: dict[str, dict[str, Any]], fully_qualified: int | None = None) -> list[str]:
+    """Every distinct normalised name of the emoji `_named` keeps (with or without aliases), in code
+    point order: the candidates an alias search ranks."""
+    return list(dict.fromkeys(name for name, _ in _named(emoji_data, fully_qualified)))
 
 
 def split_pairs(pairs: list[tuple[str, str]], seed: int = 0) -> dict[str, list[tuple[str, str]]]:
@@ -92,13 +109,20 @@ def _build(out: Path, data: dict[str, dict[str, Any]], status: int, params: dict
     pairs = emoji_pairs(data, status)
     if not pairs:
         raise DataError("emoji_text: the emoji package gave no alias-name pairs")
+    names = emoji_names(data, status)
     splits = split_pairs(pairs, params["seed"])
+    distractors: dict[str, list[str]] = {}
     for split, items in splits.items():
+        docs = {d for _, d in items}
+        # train: none (text_pairs refuses them there); val/test: every other name
+        distractors[split] = [] if split == "train" else [n for n in names if n not in docs]
         lines = [json.dumps({"query": q, "document": d}, ensure_ascii=False) for q, d in items]
+        lines += [json.dumps({"document": n}, ensure_ascii=False) for n in distractors[split]]
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"name": "emoji_text", "source": "emoji.EMOJI_DATA (aliases -> English CLDR names)", "params": params,
             "pairs": {s: len(splits[s]) for s in SPLITS},
-            "documents": {s: len({d for _, d in splits[s]}) for s in SPLITS}}
+            "documents": {s: len({d for _, d in splits[s]}) for s in SPLITS},
+            "distractors": {s: len(distractors[s]) for s in SPLITS}}
 
 
 add_format("emoji_text", (), "emoji alias -> name pairs from the emoji package, built on first use "

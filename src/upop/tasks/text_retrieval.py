@@ -10,9 +10,11 @@ equal document ids). The loss runs the encoder ONCE per step, on the queries and
 concatenated into one batch (queries first, padded to the longest): knowledge distillation hooks
 that single forward call and re-runs a teacher on the same inputs, reading `distill_views`.
 
-Evaluation: every query and every distinct document of the split encoded; recall@1/5/10 query ->
-document (`q2d_*`) and document -> query (`d2q_*`, the best-ranked of the document's queries), `r_mean`
-their mean. Formats: `text_pairs` (JSON Lines per split), `emoji_text` (offline, from `emoji`).
+Evaluation: every query, every distinct document and every distractor (a candidate document with
+no query) of the split encoded; recall@1/5/10 query -> document (`q2d_*`, ranked among the documents
+AND the distractors) and document -> query (`d2q_*`, the best-ranked of the document's queries; only
+documents with queries are ranked, a distractor has none), `r_mean` their mean. Formats: `text_pairs`
+(JSON Lines per split), `emoji_text` (offline, from `emoji`; val/test hold ~all emoji names).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.utils.data import Dataset
 from ..data.emoji_text import build_emoji_text
 from ..data.text_pairs import SPLITS, TextPairs, text_pair_splits
 from ..metrics import recall_at_k
+from ..metrics.retrieval import _ranks
 from ..models import hub_tokenizer
 from ..runconfig import ConfigError, RunConfig
 from .base import Task, evaluating, register_task
@@ -151,8 +154,8 @@ class TextRetrievalTask(Task):
         ds = self.splits[split].first_documents(self.cfg.data.limit_eval)
         with evaluating(model):
             queries = self.encode(model, ds.queries, device)
-            documents = self.encode(model, ds.documents, device)
-        return retrieval_recalls(documents @ queries.t(), ds)
+            candidates = self.encode(model, ds.candidates, device)  # documents, then distractors
+        return retrieval_recalls(candidates @ queries.t(), ds)
 
     def example_inputs(self, batch_size: int) -> dict[str, Any]:
         """One encoding of `batch_size` sequences of data.max_tokens tokens (all attended)."""
@@ -160,10 +163,20 @@ class TextRetrievalTask(Task):
 
 
 def retrieval_recalls(sim_d2q: torch.Tensor, ds: TextPairs) -> dict[str, float]:
-    """recall@1/5/10 of a (documents, queries) similarity matrix in both directions: q2d_* (query ->
-    its document), d2q_* (document -> the best of its queries), r_mean their mean (percent)."""
-    out = recall_at_k(sim_d2q.cpu(), ds.queries_of_doc, ds.doc_of_query)
-    # recall_at_k's rows are "images": here documents; img_* ranks rows for each column (query -> document)
-    renamed = {("q2d_" + k[4:] if k.startswith("img_") else "d2q_" + k[4:] if k.startswith("txt_") else k): v
-               for k, v in out.items()}
-    return renamed
+    """recall@1/5/10 (percent) of a (candidates, queries) similarity matrix, candidates = ds.documents
+    then ds.distractors: q2d_* (query -> its document, among all candidates), d2q_* (document -> the
+    best of its queries, for the documents only), their means and r_mean the mean of both."""
+    sim = sim_d2q.detach().float().cpu()
+    n_docs = len(ds.documents)
+    if sim.shape != (n_docs + len(ds.distractors), len(ds.queries)):
+        raise ValueError(f"similarity of shape {tuple(sim.shape)} for {n_docs} documents + "
+                         f"{len(ds.distractors)} distractors and {len(ds.queries)} queries")
+    # recall_at_k's rows are "images": here documents; txt_* ranks columns for each row (d2q)
+    d2q = recall_at_k(sim[:n_docs], ds.queries_of_doc, ds.doc_of_query)
+    # query -> document over every candidate (ties: the lower row, i.e. a document before a distractor)
+    ranks = _ranks(sim.t().contiguous(), torch.as_tensor(ds.doc_of_query, dtype=torch.long).view(-1, 1))
+    q2d = {k: 100.0 * (ranks < k).float().mean().item() for k in (1, 5, 10)}
+    out = {"q2d_r1": q2d[1], "q2d_r5": q2d[5], "q2d_r10": q2d[10], "q2d_r_mean": sum(q2d.values()) / 3,
+           **{"d2q_" + k[4:]: v for k, v in d2q.items() if k.startswith("txt_")}}
+    out["r_mean"] = (out["q2d_r_mean"] + out["d2q_r_mean"]) / 2
+    return out
