@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import upop
-from upop.costs import eager_attention
+from upop.costs import count_flops, eager_attention
+from upop.measure import budget_latency_model, latency_budget
 from upop.optim import cosine
 from upop.runconfig import RunConfig
 from upop.tasks import Task
@@ -50,25 +51,66 @@ class Bench:
         torch.manual_seed(seed)
 
 
+def forward_flops(bench: Bench, model: nn.Module) -> float:
+    """FLOPs of one forward pass over one training batch, counted at the task's example shape
+    (images at data.image_size, text at data.max_tokens) by upop's FLOP counter."""
+    return float(count_flops(model, bench.task.example_inputs(1))) * bench.cfg.train.batch_size
+
+
+def dense_forward_flops(bench: Bench, dense: nn.Module) -> float:
+    if "dense_forward_flops" not in bench.extra:
+        bench.extra["dense_forward_flops"] = forward_flops(bench, dense)
+    return bench.extra["dense_forward_flops"]
+
+
+def distiller_for(bench: Bench, dense: nn.Module) -> Any:
+    """The benchmark's distillation: the dense model as a frozen teacher, its logits (KL, T=1,
+    weight 1; for contrastive models the image-text similarity logits of the batch)."""
+    from upop.distill import Distiller, DistillOptions
+
+    return Distiller(dense, DistillOptions(enabled=True, **bench.extra.get("distill", {})), bench.task)
+
+
 def run_phase(bench: Bench, model: nn.Module, steps: int, *, phase: str, lr: float, schedule: str,
-              search: upop.UPopSearch | None = None, warmup: int = 0) -> dict[str, float]:
-    """`steps` optimisation steps of `model` through training.Trainer.epoch; returns loss and wall time."""
+              search: upop.UPopSearch | None = None, warmup: int = 0, distiller: Any = None,
+              step_flops: float | None = None) -> dict[str, float]:
+    """`steps` optimisation steps of `model` through training.Trainer.epoch; returns loss, wall time
+    and the training compute spent: steps x (3 x the forward FLOPs of a batch (forward + backward)
+    + one teacher forward when distilling). `step_flops` gives the forward FLOPs of a batch where the
+    model's own count would be wrong (a masked model computes at full width)."""
     if steps % bench.chunk:
         raise ValueError(f"{phase}: {steps} steps is not a multiple of the chunk {bench.chunk}")
     trainer = bench.trainer
+    forward = step_flops if step_flops is not None else forward_flops(bench, model)
+    per_step = 3 * forward + (bench.extra["dense_forward_flops"] if distiller is not None else 0.0)
     wrapped = trainer.wrap(model)
     optimizer = trainer.optimizer(model, lr)
     lr_at = (lambda _: lr) if schedule == "constant" else cosine(lr, bench.cfg.train.min_lr, steps, warmup)
     start, loss = time.time(), float("nan")
+    extra = {"distiller": distiller} if distiller is not None else {}
     for epoch in range(steps // bench.chunk):
-        loss = trainer.epoch(wrapped, optimizer, phase=phase, epoch=epoch, lr_at=lr_at, search=search)
-    return {"steps": steps, "last_loss": loss, "wall_s": time.time() - start}
+        loss = trainer.epoch(wrapped, optimizer, phase=phase, epoch=epoch, lr_at=lr_at, search=search, **extra)
+    return {"steps": steps, "last_loss": loss, "wall_s": time.time() - start, "train_flops": per_step * steps}
 
 
-def retrain(bench: Bench, model: nn.Module, steps: int) -> dict[str, float]:
+def retrain(bench: Bench, model: nn.Module, steps: int, distiller: Any = None) -> dict[str, float]:
     t = bench.cfg.train
     warmup = min(bench.extra.get("retrain_warmup", 0), steps // 4)
-    return run_phase(bench, model, steps, phase="retrain", lr=t.lr, schedule="cosine", warmup=warmup)
+    return run_phase(bench, model, steps, phase="retrain", lr=t.lr, schedule="cosine", warmup=warmup,
+                     distiller=distiller)
+
+
+def train_flops(info: dict[str, Any]) -> float:
+    """Training compute of a method after the dense model: its phases and any importance passes."""
+    return sum(info.get(k, {}).get("train_flops", 0.0) for k in ("search", "retrain")) + info.get("prune_flops", 0.0)
+
+
+def equal_compute_steps(bench: Bench, model: nn.Module, budget: float, spent: float) -> int:
+    """Retraining steps of `model` (a multiple of the chunk, at least one chunk) that spend
+    `budget` - `spent` FLOPs."""
+    per_step = 3 * forward_flops(bench, model)
+    steps = round((budget - spent) / per_step / bench.chunk) * bench.chunk
+    return max(bench.chunk, steps)
 
 
 def _evaluate(bench: Bench, model: nn.Module) -> float:
@@ -77,22 +119,36 @@ def _evaluate(bench: Bench, model: nn.Module) -> float:
 
 # ---- UPop and its ablations ----------------------------------------------------------------------
 def upop_search(bench: Bench, dense: nn.Module, target: float, *, progressive: bool = True,
-                ranking: str = "global") -> tuple[nn.Module, dict[str, Any]]:
-    """Search for `bench.search_steps` steps, compress, retrain for the rest."""
+                ranking: str = "global", distill: bool = False,
+                **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Search for `bench.search_steps` steps, compress, retrain for the rest (`distill`: with the
+    dense model as teacher in both phases; `overrides`: other UPopConfig fields, e.g. the budget)."""
     model = copy.deepcopy(dense)
     t = bench.cfg.train
     settings = {k: v for k, v in bench.cfg.upop.items() if k not in ("target", "progressive", "ranking")}
     cfg = upop.UPopConfig(**{**settings, "target": target, "total_steps": bench.search_steps,
-                             "progressive": progressive, "ranking": ranking})
-    search = upop.UPopSearch(model, cfg)
+                             "progressive": progressive, "ranking": ranking, **overrides})
+    latency = None
+    if cfg.budget == "latency":  # the tables of this machine, built before the masks attach (cached on disk)
+        start = time.time()
+        latency = budget_latency_model(bench.task, model, upop.discover(model), cfg)
+        latency_build_s = time.time() - start
+    search = upop.UPopSearch(model, cfg, latency=latency)
+    distiller = distiller_for(bench, dense) if distill else None
     searched = run_phase(bench, model, bench.search_steps, phase="search", lr=t.search_lr, schedule="constant",
-                         search=search)
+                         search=search, distiller=distiller, step_flops=dense_forward_flops(bench, dense))
     plan = search.plan()
     search.compress()
     info = {"config": cfg.to_dict(), "search": searched, "achieved": plan.stats["achieved"],
             "prunable_params": plan.stats["prunable_params"], "pruned_params": plan.stats["pruned_params"],
-            "metric_before_retrain": _evaluate(bench, model)}
-    info["retrain"] = retrain(bench, model, bench.steps - bench.search_steps)
+            "metric_before_retrain": _evaluate(bench, model), "distill": distill}
+    if latency is not None:
+        report = latency_budget(latency, plan, target, bench.task, model)
+        # the goal: the fixed part untouched, the prunable part's measured latency cut by `target`
+        report["goal_ms"] = report["fixed_ms"] + (1 - target) * report["prunable_ms"]
+        report["measured_over_goal"] = report["measured_ms"] / report["goal_ms"]
+        info["latency_budget"] = {**report, "build_s": latency_build_s}
+    info["retrain"] = retrain(bench, model, bench.steps - bench.search_steps, distiller=distiller)
     return model, info
 
 
@@ -106,6 +162,17 @@ def upop_oneshot(bench, dense, target):
 
 def upop_uniform(bench, dense, target):
     return upop_search(bench, dense, target, progressive=True, ranking="per_structure")
+
+
+def upop_kd(bench, dense, target):
+    return upop_search(bench, dense, target, distill=True)
+
+
+def upop_latency(bench, dense, target):
+    """budget latency: `target` of the prunable part's measured latency (PyTorch, this CPU, at the
+    batch of bench.extra["latency_batch"]), widths rounded where the tables favour it."""
+    return upop_search(bench, dense, target, budget="latency", round_to="auto",
+                       latency_batch=bench.extra.get("latency_batch", 32))
 
 
 # ---- one-shot global magnitude (L1) --------------------------------------------------------------
@@ -160,19 +227,28 @@ def magnitude_plan(model: nn.Module, target: float, min_units: int = 1) -> upop.
     return upop.PruningPlan(structures=entries, model_class=type(model).__name__, stats=stats)
 
 
-def magnitude(bench: Bench, dense: nn.Module, target: float) -> tuple[nn.Module, dict[str, Any]]:
+def magnitude(bench: Bench, dense: nn.Module, target: float, *, equal_compute: bool = False
+              ) -> tuple[nn.Module, dict[str, Any]]:
     model = copy.deepcopy(dense)
     plan = magnitude_plan(model, target, min_units=int(bench.cfg.upop.get("min_units", 1)))
     upop.apply_plan(model, plan)
     info = {"achieved": plan.stats["achieved"], "prunable_params": plan.stats["prunable_params"],
             "pruned_params": plan.stats["pruned_params"], "metric_before_retrain": _evaluate(bench, model)}
-    info["retrain"] = retrain(bench, model, bench.steps)
+    steps = bench.steps
+    if equal_compute:
+        steps = equal_compute_steps(bench, model, bench.extra["compute_goal"], 0.0)
+        info["compute_goal"] = bench.extra["compute_goal"]
+    info["retrain"] = retrain(bench, model, steps)
     return model, info
+
+
+def magnitude_ec(bench, dense, target):
+    return magnitude(bench, dense, target, equal_compute=True)
 
 
 # ---- Torch-Pruning: global Taylor importance -----------------------------------------------------
 def _output_tensor(output: Any) -> torch.Tensor:
-    for name in ("logits_per_image", "logits"):
+    for name in ("logits_per_image", "logits", "last_hidden_state"):
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
             return value
@@ -244,11 +320,14 @@ def tp_prune(model: nn.Module, example: dict[str, torch.Tensor], ratio: float) -
     return model
 
 
-def torch_pruning_taylor(bench: Bench, dense: nn.Module, target: float) -> tuple[nn.Module, dict[str, Any]]:
+def torch_pruning_taylor(bench: Bench, dense: nn.Module, target: float, *, distill: bool = False,
+                         equal_compute: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Torch-Pruning at the parameter count UPop reaches: dense params - target * prunable params.
 
     pruning_ratio counts channels, not params, so it is found by bisection (each try prunes a
-    fresh copy carrying the same Taylor gradients)."""
+    fresh copy carrying the same Taylor gradients). `distill`: the dense model as teacher during
+    the retraining; `equal_compute`: as many retraining steps as spend UPop's training compute
+    (bench.extra["compute_goal"]) minus the Taylor passes."""
     start = time.time()
     structures = upop.discover(dense)
     prunable = sum(s.unit_params("head_dim") * s.num_units("head_dim") for s in structures)
@@ -286,8 +365,22 @@ def torch_pruning_taylor(bench: Bench, dense: nn.Module, target: float) -> tuple
             "note": "head_dim (the same dims in every head, q/k/v/out together) + MLP neurons; "
                     "residual width untouched"}
     info["metric_before_retrain"] = _evaluate(bench, model)
-    info["retrain"] = retrain(bench, model, bench.steps)
+    # the Taylor passes: forward + backward of the dense model, no update
+    info["prune_flops"] = 3 * dense_forward_flops(bench, dense) * bench.taylor_batches
+    steps = bench.steps
+    if equal_compute:
+        steps = equal_compute_steps(bench, model, bench.extra["compute_goal"], info["prune_flops"])
+        info["compute_goal"] = bench.extra["compute_goal"]
+    info["retrain"] = retrain(bench, model, steps, distiller=distiller_for(bench, dense) if distill else None)
     return model, info
+
+
+def torch_pruning_kd(bench, dense, target):
+    return torch_pruning_taylor(bench, dense, target, distill=True)
+
+
+def torch_pruning_ec(bench, dense, target):
+    return torch_pruning_taylor(bench, dense, target, equal_compute=True)
 
 
 METHODS = {
@@ -296,4 +389,11 @@ METHODS = {
     "upop_uniform": ("per-layer uniform ratio, same score (no unified search)", upop_uniform),
     "magnitude": ("one-shot global L1 magnitude + retrain", magnitude),
     "torch_pruning": ("Torch-Pruning global Taylor (head_dim + MLP) + retrain", torch_pruning_taylor),
+    "upop_kd": ("UPop + distillation from the dense model", upop_kd),
+    "torch_pruning_kd": ("Torch-Pruning + the same distillation", torch_pruning_kd),
+    "upop_latency": ("UPop, budget latency (measured tables, round_to auto)", upop_latency),
+    "torch_pruning_ec": ("Torch-Pruning, retrained at UPop's training compute", torch_pruning_ec),
+    "magnitude_ec": ("global L1 magnitude, retrained at UPop's training compute", magnitude_ec),
 }
+# methods whose step count follows the compute UPop spent at the same target and seed
+EQUAL_COMPUTE = ("torch_pruning_ec", "magnitude_ec")

@@ -19,7 +19,8 @@ from upop.files import atomic_write, write_text
 
 HERE = Path(__file__).resolve().parent
 TASK_TITLES = {"retrieval": "OpenMoji image-text retrieval (dual encoder: MiniLM text + ViT)",
-               "classification": "Fashion-MNIST classification (small DeiT-style ViT)"}
+               "classification": "Fashion-MNIST classification (small DeiT-style ViT)",
+               "text": "Emoji names: sentence retrieval with the pretrained all-MiniLM-L6-v2"}
 METRIC_NAMES = {"r_mean": "mean recall r_mean", "top1": "top-1 (%)"}
 
 
@@ -34,7 +35,7 @@ def load(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if isinstance(data, dict) and "rows" in data:
             data["_file"] = path.name
             tasks.append(data)
-    order = {"retrieval": 0, "classification": 1}
+    order = {"retrieval": 0, "classification": 1, "text": 2}
     tasks.sort(key=lambda d: order.get(d["task"], 9))
     return run, tasks
 
@@ -57,24 +58,50 @@ def quality_table(task: dict[str, Any]) -> list[str]:
     metric = task["metric"]
     dense = task.get("dense")
     batches = list((dense or {}).get("latency_ms", {}) or {"batch1": 0, "batch32": 0})
-    head = (f"| method | target | {metric} mean ± std (n) | min..max | before retrain | params (M) | "
-            f"pruned / prunable | FLOPs (G) | " + " | ".join(f"PyTorch {b} (ms)" for b in batches) + " |")
-    lines = [head, "|" + "---|" * (8 + len(batches))]
+    head = (f"| method | target | {metric} mean ± std (n) | % of dense | min..max | before retrain | steps | "
+            "train compute (TFLOP) | params (M) | pruned / prunable | FLOPs (G) | "
+            + " | ".join(f"PyTorch {b} (ms)" for b in batches) + " |")
+    lines = [head, "|" + "---|" * (11 + len(batches))]
     if dense:
-        lines.append(f"| dense | - | {dense['metric']:.2f} (1) | - | - | {dense['params'] / 1e6:.2f} | 0 | "
-                     f"{dense['flops'] / 1e9:.3f} | " + " | ".join(_fmt(dense["latency_ms"][b], 1) for b in batches)
-                     + " |")
+        lines.append(f"| dense | - | {dense['metric']:.2f} (1) | 100 | - | - | {dense_steps(task)} | - | "
+                     f"{dense['params'] / 1e6:.2f} | 0 | {dense['flops'] / 1e9:.3f} | "
+                     + " | ".join(_fmt(dense["latency_ms"][b], 1) for b in batches) + " |")
     for s in task.get("summary", []):
         rows = [r for r in task["rows"] if r["method"] == s["method"] and r["target"] == s["target"]]
         before = [r["info"].get("metric_before_retrain") for r in rows]
         before = [b for b in before if b is not None]
         before_txt = f"{sum(before) / len(before):.2f}" if before else "n/a"
+        kept = f"{100 * s['metric_mean'] / dense['metric']:.1f}" if dense and dense["metric"] else "n/a"
+        compute = f"{s['train_flops'] / 1e12:.2f}" if s.get("train_flops") else "n/a"
         lines.append(
             f"| {s['label']} | {s['target']} | {s['metric_mean']:.2f} ± {s['metric_std']:.2f} ({len(s['seeds'])}) | "
-            f"{s['metric_min']:.2f}..{s['metric_max']:.2f} | {before_txt} | {s['params'] / 1e6:.2f} | "
-            f"{s['achieved']:.3f} | {s['flops'] / 1e9:.3f} | "
+            f"{kept} | {s['metric_min']:.2f}..{s['metric_max']:.2f} | {before_txt} | {s.get('steps', 0):.0f} | "
+            f"{compute} | {s['params'] / 1e6:.2f} | {s['achieved']:.3f} | {s['flops'] / 1e9:.3f} | "
             + " | ".join(_fmt(s["latency_ms"].get(b), 1) for b in batches) + " |")
     return lines
+
+
+def dense_steps(task: dict[str, Any]) -> str:
+    train = (task.get("dense") or {}).get("train", {})
+    return str(train.get("steps", task["settings"].get("dense_steps", "?")))
+
+
+def dense_description(task: dict[str, Any]) -> str:
+    """How the dense model was trained: to convergence on the validation split (this harness), or a
+    fixed step count (results of earlier harness versions)."""
+    s, train = task["settings"], (task.get("dense") or {}).get("train", {})
+    cached = "loaded from the cache" if train.get("cached") else "trained in this run"
+    if "dense_steps" in s:
+        return f"Dense model: {s['dense_steps']} steps, seed 0, trained once and cached ({cached})."
+    curve = train.get("curve") or []
+    why = {"patience": f"stopped after {s['dense_patience']} evaluations without improvement",
+           "cap": "stopped at the cap, still improving"}.get(train.get("stopped"), "?")
+    return (f"Dense model: trained until the validation {task['metric']} stopped improving (evaluated every "
+            f"{s['dense_eval_every']} steps, patience {s['dense_patience']}, cap {s['dense_max_steps']} steps; "
+            f"cosine schedule over the cap): {train.get('steps_run', '?')} steps run, {why}; the best weights "
+            f"(step {train.get('steps', '?')}, validation {task['metric']} {_fmt(train.get('best_val'))}) are kept. "
+            f"Seed 0, trained once and cached ({cached}). Validation curve (step: value): "
+            + ", ".join(f"{c['step']}: {c['val']:.2f}" for c in curve) + ".")
 
 
 def speed_table(task: dict[str, Any]) -> list[str]:
@@ -85,8 +112,9 @@ def speed_table(task: dict[str, Any]) -> list[str]:
     batches = list(dense["torch_ms"])
     head = ("| model | params (M) | FLOPs (G) | FLOPs ratio (ideal) | "
             + " | ".join(f"PyTorch {b} ms (speedup)" for b in batches) + " | "
-            + " | ".join(f"ORT {b} ms (speedup)" for b in batches) + " |")
-    lines = [head, "|" + "---|" * (4 + 2 * len(batches))]
+            + " | ".join(f"ORT {b} ms (speedup)" for b in batches) + " | "
+            + " | ".join(f"PyTorch {b} speedup / FLOPs ratio" for b in batches) + " |")
+    lines = [head, "|" + "---|" * (4 + 3 * len(batches))]
     labels = task.get("methods", {})
     for name, profile in speed.items():
         if name == "dense":
@@ -97,6 +125,8 @@ def speed_table(task: dict[str, Any]) -> list[str]:
         ratio = dense["flops"] / profile["flops"]
         cells = [_speedup(dense["torch_ms"].get(b), profile["torch_ms"].get(b)) for b in batches]
         cells += [_speedup(_ms(dense, "ort_ms", b), _ms(profile, "ort_ms", b)) for b in batches]
+        cells += [_fmt(dense["torch_ms"][b] / profile["torch_ms"][b] / ratio)
+                  if dense["torch_ms"].get(b) and profile["torch_ms"].get(b) else "n/a" for b in batches]
         lines.append(f"| {label} | {profile['params'] / 1e6:.2f} | {profile['flops'] / 1e9:.3f} | {ratio:.2f}x | "
                      + " | ".join(cells) + " |")
     errors = [(n, b, e["error"]) for n, p in speed.items() for b, e in (p.get("export") or {}).items()
@@ -155,6 +185,130 @@ def findings(task: dict[str, Any]) -> list[str]:
             out.append(f"  Torch-Pruning reached {tp['params'] / 1e6:.3f}M params against UPop's "
                        f"{mine['params'] / 1e6:.3f}M (pruned fraction {tp['achieved']:.3f} vs {mine['achieved']:.3f}).")
     return out
+
+
+def _pick(summary: list[dict[str, Any]], method: str, target: float) -> dict[str, Any] | None:
+    return next((s for s in summary if s["method"] == method and s["target"] == target), None)
+
+
+def _versus(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """a against b: the gap and whether it exceeds twice the larger seed spread."""
+    gap = a["metric_mean"] - b["metric_mean"]
+    n = min(len(a["seeds"]), len(b["seeds"]))
+    spread = max(a["metric_std"], b["metric_std"])
+    if n < 2:
+        return f"{gap:+.2f} (one seed: no spread measured)"
+    clear = "beyond" if abs(gap) > 2 * spread else "within"
+    return f"{gap:+.2f} ({clear} twice the seed spread {spread:.2f})"
+
+
+def comparisons(task: dict[str, Any]) -> list[str]:
+    """The issue's questions, answered from the summary: how much of the dense metric is kept, what
+    distillation adds, UPop against each rival at equal steps and at equal training compute."""
+    out = []
+    summary, dense = task.get("summary", []), task.get("dense") or {}
+    labels = task.get("methods", {})
+    for target in task.get("targets", []):
+        mine = _pick(summary, "upop", target)
+        if mine is None:
+            continue
+        kd = _pick(summary, "upop_kd", target)
+        if dense.get("metric"):
+            kept = [f"UPop keeps {100 * mine['metric_mean'] / dense['metric']:.1f}% of the dense {task['metric']}"]
+            if kd:
+                kept.append(f"UPop + distillation {100 * kd['metric_mean'] / dense['metric']:.1f}%")
+            out.append(f"- Target {target}: " + ", ".join(kept) + f" (dense {dense['metric']:.2f}).")
+        if kd:
+            out.append(f"  Distillation: UPop + KD vs UPop {_versus(kd, mine)}.")
+        tp, tp_kd = _pick(summary, "torch_pruning", target), _pick(summary, "torch_pruning_kd", target)
+        if tp and tp_kd:
+            out.append(f"  Distillation: Torch-Pruning + KD vs Torch-Pruning {_versus(tp_kd, tp)}.")
+        best = max((s for s in (mine, kd) if s), key=lambda s: s["metric_mean"])
+        for other in summary:
+            if other["target"] != target or other["method"] in ("upop", "upop_kd", "upop_latency"):
+                continue
+            equal = "equal training compute" if other["method"].endswith("_ec") else "equal steps"
+            out.append(f"  {labels.get(best['method'], best['method'])} vs {labels.get(other['method'])} "
+                       f"({equal}; {other['steps']:.0f} steps, {other['train_flops'] / 1e12:.2f} TFLOP against "
+                       f"{best['train_flops'] / 1e12:.2f}): {_versus(best, other)}.")
+    return out
+
+
+def latency_budget_lines(task: dict[str, Any]) -> list[str]:
+    """budget latency rows: the measured latency of the compressed model against the goal (the
+    fixed part + (1 - target) x the prunable part, both measured on the tables' machine)."""
+    rows = [r for r in task.get("rows", []) if r["info"].get("latency_budget")]
+    if not rows:
+        return []
+    dense = task.get("dense") or {}
+    lines = ["#### Latency budget (`budget: latency`, `round_to: auto`)", "",
+             "The latency tables are measured on this machine (PyTorch CPU, the threads above) at the batch "
+             "given; goal = fixed part + (1 - target) x prunable part of the dense model's measured latency.", "",
+             "| target | seed | batch | dense ms | goal ms | predicted ms | measured ms | measured / goal | "
+             "speedup | FLOPs ratio | speedup / FLOPs ratio | tables built in (s) |", "|" + "---|" * 12]
+    for r in sorted(rows, key=lambda r: (r["target"], r["seed"])):
+        b = r["info"]["latency_budget"]
+        ratio = dense["flops"] / r["flops"] if dense.get("flops") else None
+        speedup = b.get("measured_speedup")
+        eff = speedup / ratio if speedup and ratio else None
+        lines.append(f"| {r['target']} | {r['seed']} | {b.get('batch')} | {_fmt(b.get('model_ms'))} | "
+                     f"{_fmt(b.get('goal_ms'))} | {_fmt(b.get('predicted_ms'))} | {_fmt(b.get('measured_ms'))} | "
+                     f"{_fmt(b.get('measured_over_goal'), 3)} | {_fmt(speedup)}x | {_fmt(ratio)}x | {_fmt(eff)} | "
+                     f"{_fmt(b.get('build_s'), 1)} |")
+    return lines + [""]
+
+
+BREAKDOWN_PARTS = ("attention", "mlp", "embeddings", "norms", "head", "other")
+
+
+def breakdown_lines(task: dict[str, Any]) -> list[str]:
+    """Where the time goes, part by part (benchmarks/breakdown.py): dense against compressed."""
+    entries = task.get("breakdown") or {}
+    if not entries:
+        return []
+    labels = task.get("methods", {})
+    lines = ["#### Where the speedup goes, part by part", "",
+             "One forward pass timed module by module with hooks (median of the runs; `other` = the whole "
+             "hooked forward minus the timed parts: residual adds, reshapes, per-call overhead), FLOPs counted "
+             "per part with eager attention.", ""]
+    for name, batches in entries.items():
+        method, target = name.split("@")
+        for batch, r in batches.items():
+            w, f = r["whole"], r["fixed"]
+            lines += [f"{labels.get(method, method)} @ {target}, {batch}: whole model {w['dense_ms']:.2f} -> "
+                      f"{w['compressed_ms']:.2f} ms, **{_fmt(w['speedup'])}x for a FLOPs ratio of "
+                      f"{_fmt(w['flops_ratio'])}x**; the never-pruned parts took {100 * f['dense_share']:.0f}% of the "
+                      f"dense time and {100 * f['compressed_share']:.0f}% of the compressed time "
+                      f"(hook overhead {100 * (w['dense_hook_overhead'] or 0):.0f}% / "
+                      f"{100 * (w['compressed_hook_overhead'] or 0):.0f}%).", "",
+                      "| part | dense ms | compressed ms | speedup | FLOPs ratio | share of dense time | "
+                      "share of compressed time |", "|" + "---|" * 7]
+            for part in BREAKDOWN_PARTS:
+                x = r["parts"].get(part)
+                if x is None:
+                    continue
+                lines.append(f"| {part} | {x['dense_ms']:.2f} | {x['compressed_ms']:.2f} | {_fmt(x['speedup'])} | "
+                             f"{_fmt(x['flops_ratio'])} | {100 * x['dense_share']:.0f}% | "
+                             f"{100 * x['compressed_share']:.0f}% |")
+            lines.append("")
+    return lines
+
+
+def memory_lines(task: dict[str, Any]) -> list[str]:
+    m = task.get("memory")
+    if not m:
+        return []
+    plain, search = m["plain"], m["search"]
+    mib = 2 ** 20
+    verdict = "within" if m["peak_ratio"] <= 1.05 else "above"
+    growth = f"{m['growth_ratio']:.3f}x" if m.get("growth_ratio") else "n/a"
+    text = (f"Search memory: peak RSS of {m['steps']} training steps on one batch, each mode in a fresh process "
+            f"(the smaller of {m['runs']} runs): plain {plain['peak_rss'] / mib:.0f} MiB, with the search attached "
+            f"{search['peak_rss'] / mib:.0f} MiB: **{m['peak_ratio']:.3f}x**, {verdict} the 1.05x target; growth "
+            f"over the RSS before the first step (model, batch, optimizer built): {growth}.")
+    if m.get("cuda_peak_ratio"):
+        text += f" CUDA max allocated: {m['cuda_peak_ratio']:.3f}x."
+    return [text, ""]
 
 
 def plots(task: dict[str, Any], folder: Path) -> list[Path]:
@@ -248,7 +402,6 @@ def run_section(results: Path, docs: Path) -> list[str]:
         rc = task.get("run_config", {})
         made = plots(task, results / "plots")
         lines += [f"### {TASK_TITLES.get(task['task'], task['task'])} ({mode})", ""]
-        cached = (task.get("dense") or {}).get("train", {}).get("cached")
         metric_name = METRIC_NAMES.get(task["metric"], task["metric"])
         model = rc.get("model", {}).get("preset")
         if s.get("deit"):
@@ -257,16 +410,20 @@ def run_section(results: Path, docs: Path) -> list[str]:
         lines += [f"Model {model}, data `{rc.get('data', {}).get('format')}` "
                   f"(training images {rc.get('data', {}).get('limit_train') or 'all'}, test images "
                   f"{rc.get('data', {}).get('limit_eval') or 'all'}), batch {rc.get('train', {}).get('batch_size')}. "
-                  f"Dense model: {s['dense_steps']} steps, seed 0, trained once and cached "
-                  f"({'loaded from the cache' if cached else 'trained in this run'}). "
+                  f"{dense_description(task)} "
                   f"Each method: {s['steps']} steps (UPop variants: {s['search_steps']} search + "
-                  f"{s['steps'] - s['search_steps']} retrain; magnitude and Torch-Pruning: {s['steps']} retrain). "
+                  f"{s['steps'] - s['search_steps']} retrain; magnitude and Torch-Pruning: {s['steps']} retrain; "
+                  "the `_ec` rows: as many retraining steps as spend UPop's training compute at the same target "
+                  "and seed). "
                   f"Seeds {task['seeds']}. Metric: {metric_name} on the test split. "
                   f"Latency: median of {s['repeats']} runs after 2 warm-up runs.", ""]
         lines += ["#### Quality", ""] + quality_table(task) + [""]
         lines += ["#### Speed", ""] + speed_table(task) + [""]
         lines += search_cost_lines(task) + [""]
-        facts = findings(task)
+        lines += memory_lines(task)
+        lines += breakdown_lines(task)
+        lines += latency_budget_lines(task)
+        facts = findings(task) + comparisons(task)
         if facts:
             lines += ["#### What the numbers say", ""] + facts + [""]
         for path in made:

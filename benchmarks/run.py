@@ -42,16 +42,24 @@ from upop.tasks import make_task  # noqa: E402
 from upop.training import Dist, Trainer  # noqa: E402
 
 from . import render  # noqa: E402
-from .methods import METHODS, Bench  # noqa: E402
+from .breakdown import compare_breakdown  # noqa: E402
+from .memory import search_memory  # noqa: E402
+from .methods import EQUAL_COMPUTE, METHODS, Bench, train_flops  # noqa: E402
 from .speed import search_step_cost, speed_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_YAML = Path(upop.__file__).parent / "configs" / "demo.yaml"
 FASHION_YAML = ROOT / "examples" / "fashion_mnist.yaml"
+TEXT_YAML = ROOT / "examples" / "minilm_text_retrieval.yaml"
 TARGETS = (0.5, 0.75)
-SPEED_METHODS = ("upop", "torch_pruning")  # compressed models also timed in ONNX Runtime
+SPEED_METHODS = ("upop", "torch_pruning", "upop_latency")  # compressed models also timed in ONNX Runtime
 # Fashion-MNIST model: DeiT-style, 28x28 images in 7x7 patches (16 patches + cls + distillation token)
 SMALL_DEIT = dict(width=128, depth=4, heads=4, patch=7)
+
+BASE_METHODS = ["upop", "upop_oneshot", "upop_uniform", "magnitude", "torch_pruning"]
+ALL_METHODS = [*BASE_METHODS, "upop_kd", "torch_pruning_kd", "upop_latency", "torch_pruning_ec", "magnitude_ec"]
+# what a row's result does not depend on (a run with more methods or targets continues an earlier one)
+ROW_INDEPENDENT = ("methods", "targets", "skip", "breakdown", "memory", "onnx", "seeds")
 
 # Per mode and task: the run-config overrides and the step budget. `steps` is what every method
 # trains after the dense model (search + retrain); all phase lengths are multiples of `chunk`.
@@ -60,38 +68,67 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
         "retrieval": dict(yaml=DEMO_YAML, overrides=[
             "model.preset=tiny-dual", "data.image_size=32", "data.max_tokens=12", "data.limit_train=96",
             "data.limit_eval=32", "train.batch_size=16", "train.eval_batch_size=64", "train.warmup_steps=1",
-            "upop.interval=1"], dense_steps=4, steps=4, search_steps=2, chunk=2, seeds=1, repeats=2,
+            "upop.interval=1"], dense_max_steps=4, dense_eval_every=2, dense_patience=1,
+            steps=4, search_steps=2, chunk=2, seeds=1, repeats=2,
             batches=[1, 32], onnx=["dense"], onnx_batches=[1], search_cost_steps=2, taylor_batches=1,
-            tp_bisection=6, retrain_warmup=1),
+            tp_bisection=6, retrain_warmup=1, methods=ALL_METHODS, breakdown=["upop"], memory=True,
+            latency_batch=1),
         "classification": dict(yaml=FASHION_YAML, overrides=[
             "model.preset=tiny-vit", "data.limit_train=128", "data.limit_eval=64", "train.batch_size=16",
             "train.eval_batch_size=64", "train.warmup_steps=1", "upop.interval=1"],
-            dense_steps=4, steps=4, search_steps=2, chunk=2, seeds=1, repeats=2, batches=[1, 32],
-            onnx=[], onnx_batches=[1], search_cost_steps=2, taylor_batches=1, tp_bisection=6, retrain_warmup=1),
+            dense_max_steps=4, dense_eval_every=2, dense_patience=1,
+            steps=4, search_steps=2, chunk=2, seeds=1, repeats=2, batches=[1, 32],
+            onnx=[], onnx_batches=[1], search_cost_steps=2, taylor_batches=1, tp_bisection=6, retrain_warmup=1,
+            methods=BASE_METHODS, latency_batch=1),
+        "text": dict(yaml=TEXT_YAML, overrides=[
+            "model.preset=tiny-text", "data.limit_train=64", "data.limit_eval=32", "train.batch_size=16",
+            "train.eval_batch_size=64", "train.warmup_steps=1", "upop.interval=1"],
+            dense_max_steps=4, dense_eval_every=2, dense_patience=1,
+            steps=4, search_steps=2, chunk=2, seeds=1, repeats=2, batches=[1, 32],
+            onnx=[], onnx_batches=[1], search_cost_steps=2, taylor_batches=1, tp_bisection=6, retrain_warmup=1,
+            methods=["upop", "upop_kd", "torch_pruning", "torch_pruning_ec"], latency_batch=1),
     },
     "quick": {
         "retrieval": dict(yaml=DEMO_YAML, overrides=["train.warmup_steps=10", "upop.interval=5"],
-                          dense_steps=40, steps=20, search_steps=10, chunk=10, seeds=1, repeats=5,
+                          dense_max_steps=40, dense_eval_every=20, dense_patience=1,
+                          steps=20, search_steps=10, chunk=10, seeds=1, repeats=5,
                           batches=[1, 32], onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32],
                           search_cost_steps=6, taylor_batches=2, tp_bisection=8, retrain_warmup=2),
         "classification": dict(yaml=FASHION_YAML, deit=SMALL_DEIT, overrides=[
             "model.preset=tiny-deit", "data.image_size=28", "data.limit_train=6000", "data.limit_eval=2000",
             "train.warmup_steps=10", "upop.interval=5"],
-            dense_steps=60, steps=20, search_steps=10, chunk=10, seeds=1, repeats=5, batches=[1, 32],
+            dense_max_steps=60, dense_eval_every=20, dense_patience=1,
+            steps=20, search_steps=10, chunk=10, seeds=1, repeats=5, batches=[1, 32],
             onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32], search_cost_steps=6, taylor_batches=2,
             tp_bisection=8, retrain_warmup=2),
     },
     "full": {
         "retrieval": dict(yaml=DEMO_YAML, overrides=["upop.interval=5"],
-                          dense_steps=180, steps=60, search_steps=30, chunk=10, seeds=2, repeats=10,
+                          dense_max_steps=900, dense_eval_every=60, dense_patience=3,
+                          steps=300, search_steps=150, chunk=10, seeds=1, repeats=10,
                           batches=[1, 32], onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32],
-                          search_cost_steps=20, taylor_batches=4, tp_bisection=10, retrain_warmup=6),
+                          search_cost_steps=20, taylor_batches=4, tp_bisection=10, retrain_warmup=6,
+                          # 9.5 minutes a row on one core: the ablations are in the other two tasks
+                          methods=["upop", "torch_pruning", "upop_kd", "upop_latency", "torch_pruning_kd",
+                                   "torch_pruning_ec"],
+                          skip=[["torch_pruning_kd", 0.5], ["upop_kd", 0.75], ["torch_pruning_kd", 0.75],
+                                ["torch_pruning_ec", 0.75]],
+                          breakdown=["upop", "upop_latency"], memory=True, latency_batch=32),
         "classification": dict(yaml=FASHION_YAML, deit=SMALL_DEIT, overrides=[
             "model.preset=tiny-deit", "data.image_size=28", "data.limit_train=null", "data.limit_eval=5000",
             "upop.interval=10"],
-            dense_steps=600, steps=200, search_steps=100, chunk=20, seeds=2, repeats=10, batches=[1, 32],
+            dense_max_steps=6000, dense_eval_every=200, dense_patience=3,
+            steps=200, search_steps=100, chunk=20, seeds=2, repeats=10, batches=[1, 32],
             onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32], search_cost_steps=20, taylor_batches=4,
-            tp_bisection=10, retrain_warmup=10),
+            tp_bisection=10, retrain_warmup=10, methods=ALL_METHODS, breakdown=["upop", "upop_latency"], memory=True,
+            latency_batch=32),
+        # the pretrained MiniLM fine-tuned on 802 alias -> name pairs (12 batches of 64 a pass)
+        "text": dict(yaml=TEXT_YAML, overrides=["upop.interval=5", "train.warmup_steps=10"],
+                     dense_max_steps=600, dense_eval_every=20, dense_patience=3,
+                     steps=200, search_steps=100, chunk=10, seeds=2, repeats=10, batches=[1, 32],
+                     onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32], search_cost_steps=20, taylor_batches=4,
+                     tp_bisection=10, retrain_warmup=10, methods=ALL_METHODS, breakdown=["upop", "upop_latency"],
+                     memory=True, latency_batch=32),
     },
 }
 
@@ -153,29 +190,75 @@ def make_bench(key: str, spec: dict[str, Any]) -> Bench:
                          f"fewer than the chunk of {spec['chunk']} steps")
     return Bench(key=key, cfg=cfg, task=task, trainer=trainer, steps=spec["steps"], search_steps=spec["search_steps"],
                  chunk=spec["chunk"], taylor_batches=spec["taylor_batches"],
-                 extra={"tp_bisection": spec["tp_bisection"], "retrain_warmup": spec["retrain_warmup"]})
+                 extra={"tp_bisection": spec["tp_bisection"], "retrain_warmup": spec["retrain_warmup"],
+                        "latency_batch": spec.get("latency_batch", 32), "distill": spec.get("distill", {})})
+
+
+def dense_settings(spec: dict[str, Any]) -> dict[str, int]:
+    return {k: spec[k] for k in ("dense_max_steps", "dense_eval_every", "dense_patience")}
+
+
+def dense_cache_key(bench: Bench, spec: dict[str, Any]) -> str:
+    """What the dense model depends on: model, data, training settings, seed and the stopping rule
+    (not the upop / distill / log sections, so adding a method never retrains it)."""
+    cfg = bench.cfg.to_dict()
+    later = ("lr", "search_lr", "search_epochs", "retrain_epochs", "dense_epochs")  # phases after the dense one
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in later}
+    return settings_hash({"config": {**{k: cfg.get(k) for k in ("task", "model", "data")}, "train": train},
+                          "deit": spec.get("deit"), **dense_settings(spec)})
+
+
+def cache_folder(bench: Bench, spec: dict[str, Any], cache: Path) -> Path:
+    return cache / f"{bench.key}-{dense_cache_key(bench, spec)}"
 
 
 def dense_model(bench: Bench, spec: dict[str, Any], cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train the dense model once (seed 0) and cache it as safetensors; reload it when cached."""
-    key = settings_hash({"config": bench.cfg.to_dict(), "dense_steps": spec["dense_steps"]})
-    folder = cache / f"{bench.key}-{key}"
+    """Train the dense model to convergence once (seed 0) and cache it as safetensors; reload it when cached.
+
+    Convergence: cosine schedule over `dense_max_steps`, the validation metric measured every
+    `dense_eval_every` steps, training stops when it has not improved for `dense_patience`
+    evaluations in a row (or at the cap), and the best weights are kept. The curve, the step
+    of the best weights and why it stopped are recorded (dense.json)."""
+    folder = cache_folder(bench, spec, cache)
     if (folder / "dense.json").is_file():
         log(f"{bench.key}: dense model from the cache {folder}")
         model = upop.from_pretrained(folder)
         return model, {**json.loads((folder / "dense.json").read_text()), "cached": True}
+    settings = dense_settings(spec)
+    cap, every, patience = settings["dense_max_steps"], settings["dense_eval_every"], settings["dense_patience"]
+    if cap % bench.chunk or every % bench.chunk:
+        raise ValueError(f"{bench.key}: dense_max_steps and dense_eval_every must be multiples of {bench.chunk}")
     bench.set_seed(0)
     model = bench.task.model
     t = bench.cfg.train
-    log(f"{bench.key}: training the dense model for {spec['dense_steps']} steps")
+    log(f"{bench.key}: training the dense model until {bench.task.metric} on val stops improving "
+        f"(every {every} steps, patience {patience}, at most {cap} steps)")
     start = time.time()
     wrapped = bench.trainer.wrap(model)
     optimizer = bench.trainer.optimizer(model, t.dense_lr)
-    lr_at = cosine(t.dense_lr, t.min_lr, spec["dense_steps"], t.warmup_steps)
-    loss = float("nan")
-    for epoch in range(spec["dense_steps"] // bench.chunk):
+    lr_at = cosine(t.dense_lr, t.min_lr, cap, t.warmup_steps)
+    loss, curve, best, best_step, best_state, stale, stopped = float("nan"), [], float("-inf"), 0, None, 0, "cap"
+    for epoch in range(cap // bench.chunk):
         loss = bench.trainer.epoch(wrapped, optimizer, phase="dense", epoch=epoch, lr_at=lr_at)
-    info = {"steps": spec["dense_steps"], "last_loss": loss, "wall_s": time.time() - start, "seed": 0}
+        step = (epoch + 1) * bench.chunk
+        if step % every:
+            continue
+        value = float(bench.task.evaluate(model, "val", torch.device("cpu"))[bench.task.metric])
+        curve.append({"step": step, "val": value, "loss": loss, "wall_s": time.time() - start})
+        log(f"{bench.key}: dense step {step}: val {bench.task.metric} {value:.2f} (loss {loss:.4f})")
+        if value > best:
+            best, best_step, stale = value, step, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                stopped = "patience"
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    steps_run = curve[-1]["step"] if curve else cap
+    info = {"steps": best_step, "steps_run": steps_run, "stopped": stopped, "best_val": best, "curve": curve,
+            "last_loss": loss, "wall_s": time.time() - start, "seed": 0, **settings}
     upop.save_pretrained(model, folder)
     write_json(folder / "dense.json", info)
     return model, {**info, "cached": False}
@@ -189,7 +272,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread over seeds per (method, target)."""
     out = []
     for method in METHODS:
-        for target in TARGETS:
+        for target in sorted({r["target"] for r in rows}):
             sel = [r for r in rows if r["method"] == method and r["target"] == target]
             if not sel:
                 continue
@@ -203,6 +286,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "flops": statistics.mean(r["flops"] for r in sel),
                 "achieved": statistics.mean(r["achieved"] for r in sel),
                 "latency_ms": {k: statistics.median(r["latency_ms"][k] for r in sel) for k in sel[0]["latency_ms"]},
+                "train_flops": statistics.mean(r.get("train_flops", 0.0) for r in sel),
+                "steps": statistics.mean(r.get("steps", 0) for r in sel),
             })
     return out
 
@@ -212,21 +297,20 @@ def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache:
     started = time.time()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in spec.items()}
     path = out / f"{key}.json"
-    shash = settings_hash({"settings": settings, "seeds": seeds})
+    shash = settings_hash({k: v for k, v in settings.items() if k not in ROW_INDEPENDENT})
     result: dict[str, Any] | None = None
     if path.is_file() and not fresh:
         previous = json.loads(path.read_text())
-        if previous.get("settings_hash") == shash and previous.get("complete") is not True:
+        if previous.get("settings_hash") == shash:  # rows already there are kept, missing ones run
             result = previous
+            result.update(settings=settings, seeds=sorted({*result["seeds"], *seeds}), complete=False,
+                          methods={**result["methods"], **{m: METHODS[m][0] for m in spec.get("methods", METHODS)}})
             log(f"{key}: continuing {path} ({len(result['rows'])} rows done)")
-        elif previous.get("settings_hash") == shash:
-            log(f"{key}: {path} is complete for these settings; rerun with --fresh to redo it")
-            return previous
     bench = make_bench(key, spec)
     if result is None:
         result = {"task": key, "mode": mode, "metric": bench.task.metric, "settings": settings,
-                  "settings_hash": shash, "seeds": seeds, "targets": list(TARGETS),
-                  "methods": {m: label for m, (label, _) in METHODS.items()},
+                  "settings_hash": shash, "seeds": seeds, "targets": list(spec.get("targets", TARGETS)),
+                  "methods": {m: METHODS[m][0] for m in spec.get("methods", list(METHODS))},
                   "run_config": bench.cfg.to_dict(), **env, "rows": [], "speed": {}, "wall_s": {},
                   "complete": False}
     wall = result["wall_s"]
@@ -261,10 +345,18 @@ def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache:
 
     done = {(r["method"], r["target"], r["seed"]) for r in result["rows"]}
     for seed in seeds:
-        for target in TARGETS:
-            for method, (label, fn) in METHODS.items():
-                if (method, target, seed) in done:
+        for target in spec.get("targets", TARGETS):
+            for method in spec.get("methods", list(METHODS)):
+                label, fn = METHODS[method]
+                if (method, target, seed) in done or [method, target] in spec.get("skip", []):
                     continue
+                if method in EQUAL_COMPUTE:  # UPop's training compute at this target and seed
+                    upop_rows = [r for r in result["rows"] if r["method"] == "upop" and r["target"] == target
+                                 and r["seed"] == seed]
+                    if not upop_rows:
+                        log(f"{key}: {method} at {target}, seed {seed} skipped: no upop row to match")
+                        continue
+                    bench.extra["compute_goal"] = upop_rows[0]["train_flops"]
                 log(f"{key}: {method} at target {target}, seed {seed}")
                 bench.set_seed(seed)
                 phase = time.time()
@@ -278,15 +370,27 @@ def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache:
                        "metric": metrics[bench.task.metric], "metrics": metrics, "params": profile["params"],
                        "flops": profile["flops"], "latency_ms": profile["torch_ms"],
                        "achieved": info["achieved"], "info": info, "wall_s": time.time() - phase,
-                       "train_wall_s": train_s}
+                       "train_wall_s": train_s, "train_flops": train_flops(info),
+                       "steps": sum(info.get(k, {}).get("steps", 0) for k in ("search", "retrain"))}
                 if onnx:
                     result["speed"][f"{method}@{target}"] = profile
+                if seed == seeds[0] and method in spec.get("breakdown", ()):  # where the time goes, part by part
+                    result.setdefault("breakdown", {})[f"{method}@{target}"] = {
+                        f"batch{b}": compare_breakdown(dense, model, bench.task.example_inputs(b),
+                                                       repeats=spec["repeats"])
+                        for b in spec["batches"]}
                 result["rows"].append(row)
                 wall[f"{method}@{target}"] = wall.get(f"{method}@{target}", 0) + row["wall_s"]
                 log(f"{key}: {method} @ {target} seed {seed}: {bench.task.metric} {row['metric']:.2f}, "
-                    f"{row['params'] / 1e6:.2f}M params, achieved {row['achieved']:.3f}, {row['wall_s']:.0f}s")
+                    f"{row['params'] / 1e6:.2f}M params, achieved {row['achieved']:.3f}, "
+                    f"{row['train_flops'] / 1e12:.2f} TFLOP, {row['wall_s']:.0f}s")
                 save()
                 del model
+    if "memory" not in result and spec.get("memory"):
+        phase = time.time()
+        result["memory"] = search_memory(key, cache_folder(bench, spec, cache), mode_set=mode)
+        wall["memory"] = time.time() - phase
+        save()
     wall["total_this_process"] = time.time() - started
     result["complete"] = True
     save()
@@ -304,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--docs", type=Path, default=None,
                         help="the report render writes (default docs/BENCHMARKS.md; <out>/BENCHMARKS.md for --tiny)")
-    parser.add_argument("--tasks", default="retrieval,classification")
+    parser.add_argument("--tasks", default="retrieval,classification,text")
     parser.add_argument("--fresh", action="store_true", help="ignore results of an earlier run with the same settings")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch (and ONNX Runtime) threads for training and timing (default: all cores). "

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("upop", "upop_oneshot", "upop_uniform", "magnitude", "torch_pruning")
 TARGETS = (0.5, 0.75)
 
 pytest.importorskip("torch_pruning")
@@ -51,8 +50,14 @@ def test_results_schema(tiny_run):
         dense = data["dense"]
         for key in ("metric", "params", "flops", "latency_ms", "prunable_params"):
             assert dense[key] is not None
+        methods = list(data["methods"])
+        assert {"upop", "torch_pruning"} <= set(methods)
         rows = {(r["method"], r["target"], r["seed"]): r for r in data["rows"]}
-        assert set(rows) == {(m, t, 0) for m in METHODS for t in TARGETS}
+        assert set(rows) == {(m, t, 0) for m in methods for t in TARGETS}
+        # the dense model was trained to its best validation value, recorded with its curve
+        train = dense["train"]
+        assert train["curve"] and train["stopped"] in ("patience", "cap")
+        assert train["best_val"] == max(c["val"] for c in train["curve"])
         for (method, target, _), row in rows.items():
             assert isinstance(row["metric"], float)
             assert row["flops"] > 0 and row["flops"] < dense["flops"]
@@ -62,12 +67,32 @@ def test_results_schema(tiny_run):
             goal = dense["params"] - target * dense["prunable_params"]
             assert abs(row["params"] - goal) <= 0.03 * dense["prunable_params"], (method, target)
             assert abs(row["achieved"] - target) <= 0.03, (method, target)
+            assert row["train_flops"] > 0 and row["steps"] > 0
+        for target in TARGETS:  # an equal-compute row spends UPop's training compute, within one chunk
+            ec = rows.get(("torch_pruning_ec", target, 0))
+            if ec is not None:
+                goal = rows[("upop", target, 0)]["train_flops"]
+                assert ec["info"]["compute_goal"] == goal
+                chunk = data["settings"]["chunk"]
+                per_step = ec["info"]["retrain"]["train_flops"] / ec["info"]["retrain"]["steps"]
+                assert abs(ec["train_flops"] - goal) <= chunk * per_step / 2 + ec["info"]["prune_flops"]
+            kd = rows.get(("upop_kd", target, 0))
+            if kd is not None:  # a distilled step also runs the teacher's forward
+                assert kd["info"]["distill"] is True and kd["train_flops"] > rows[("upop", target, 0)]["train_flops"]
+            lat = rows.get(("upop_latency", target, 0))
+            if lat is not None:
+                b = lat["info"]["latency_budget"]
+                assert b["measured_ms"] > 0 and b["goal_ms"] > 0 and b["target"] == target
         summary = {(s["method"], s["target"]) for s in data["summary"]}
-        assert summary == {(m, t) for m in METHODS for t in TARGETS}
+        assert summary == {(m, t) for m in methods for t in TARGETS}
         cost = data["search_cost"]
         assert cost["plain_ms_median"] > 0 and cost["ratio_median"] > 0
         assert data["speed"]["dense"]["torch_ms"]["batch1"] > 0
     retrieval = json.loads((tmp / "results" / "retrieval.json").read_text())
+    memory = retrieval["memory"]  # fresh processes, plain and search
+    assert memory["plain"]["peak_rss"] > 0 and memory["search"]["peak_rss"] > 0 and memory["peak_ratio"] > 0
+    parts = retrieval["breakdown"]["upop@0.5"]["batch1"]
+    assert parts["whole"]["speedup"] > 0 and set(parts["parts"]) >= {"attention", "mlp", "other"}
     ort = retrieval["speed"]["dense"]["ort_ms"]["batch1"]
     assert ort is not None and ort > 0, retrieval["speed"]["dense"].get("export")
     assert retrieval["speed"]["dense"]["ort_max_abs_diff"]["batch1"] < 1e-3
