@@ -60,9 +60,11 @@ def _inside(path: str, ancestor: str) -> bool:
 def assign_parts(model: nn.Module, structures: list[upop.Structure] | None = None) -> dict[str, dict[str, str]]:
     """The timed modules: module path -> {"part": ..., "owner": structure name or the path itself}.
 
-    A structure is timed on its own module when that module holds all its Linears, else on its module
-    plus each Linear outside it (HF BERT's out-projection and fc2). Outside the structures, the
-    outermost embedding / head modules and every norm module are timed; what is left untimed is `other`.
+    A structure is timed on its module and on each of its Linears (wherever they sit: HF BERT's
+    out-projection and fc2 lie outside the structure's module); "sub" tells the Linears ("linear") from
+    the rest ("rest": attention matmuls, softmax, reshapes; the MLP's activation). Outside the
+    structures, the outermost embedding / head modules and every norm module are timed; what is left
+    untimed is `other`.
     """
     structures = upop.discover(model) if structures is None else structures
     paths = {id(m): p for p, m in model.named_modules()}
@@ -72,11 +74,9 @@ def assign_parts(model: nn.Module, structures: list[upop.Structure] | None = Non
         part = "attention" if s.is_attention else "mlp"
         linears = [*s.input_linears(), s.output_linear()]
         owned.update(id(lin) for lin in linears)
-        timed[s.name] = {"part": part, "owner": s.name}
-        for lin in linears:
-            path = paths[id(lin)]
-            if not _inside(path, s.name):
-                timed[path] = {"part": part, "owner": s.name}
+        timed[s.name] = {"part": part, "owner": s.name, "sub": "rest"}
+        for lin in linears:  # timed on their own too, so the Linears split from the rest of the structure
+            timed[paths[id(lin)]] = {"part": part, "owner": s.name, "sub": "linear"}
     covered = list(timed)  # modules whose inside belongs to a structure or a fixed part already timed
     for path, module in model.named_modules():
         if path == "" or path in timed:
@@ -153,6 +153,15 @@ def _parts(timed: dict[str, dict[str, str]], per_path: dict[str, float], whole: 
     return out
 
 
+def _split(timed: dict[str, dict[str, str]], per_path: dict[str, float]) -> dict[str, float]:
+    """attention / mlp time or FLOPs split into their Linears and the rest: keys like "attention.linear"."""
+    out = {f"{p}.{sub}": 0.0 for p in ("attention", "mlp") for sub in ("linear", "rest")}
+    for path, value in per_path.items():
+        if "sub" in timed[path]:
+            out[f"{timed[path]['part']}.{timed[path]['sub']}"] += value
+    return out
+
+
 def _owners(timed: dict[str, dict[str, str]], per_path: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for path, value in per_path.items():
@@ -173,8 +182,9 @@ def _flops(model: nn.Module, inputs: Any,
         finally:
             hooks.detach()
     total = int(counter.get_total_flops())
-    return total, {k: int(v) for k, v in _parts(timed, per_path, whole).items()}, \
-        {k: int(v) for k, v in _owners(timed, per_path).items()}
+    parts = {k: int(v) for k, v in _parts(timed, per_path, whole).items()}
+    parts.update({k: int(v) for k, v in _split(timed, per_path).items()})
+    return total, parts, {k: int(v) for k, v in _owners(timed, per_path).items()}
 
 
 def _trimmed(runs: list[float]) -> list[int]:
@@ -212,6 +222,7 @@ class _Timing:
         keep = _trimmed(self.hooked)
         parts_runs = [_parts(self.timed, self.paths[i], self.hooked[i]) for i in range(len(self.hooked))]
         owner_runs = [_owners(self.timed, p) for p in self.paths]
+        split_runs = [_split(self.timed, p) for p in self.paths]
         mean = statistics.fmean
         return {
             "whole_ms": statistics.median(self.plain),
@@ -220,6 +231,7 @@ class _Timing:
             "hooked_trimmed_ms": mean(self.hooked[i] for i in keep),
             "parts_ms": {p: mean(parts_runs[i][p] for i in keep) for p in PARTS},
             "parts_median_ms": {p: statistics.median(r[p] for r in parts_runs) for p in PARTS},
+            "split_ms": {k: mean(split_runs[i][k] for i in keep) for k in split_runs[0]},
             "structures_ms": {o: mean(owner_runs[i].get(o, 0.0) for i in keep) for o in owner_runs[0]},
             "runs": len(self.hooked),
             "trimmed_runs": len(keep),
@@ -257,7 +269,8 @@ def _measure(models: dict[str, nn.Module], inputs: Any, repeats: int, warmup: in
                 for owner, value in ms.pop("structures_ms").items():
                     part = timing.timed[owner]["part"] if owner in timing.timed else None
                     structures[owner] = {"part": part, "ms": value, "flops": owner_flops.get(owner, 0)}
-                out[name] = {**ms, "flops": total, "parts_flops": flops, "modules": structures,
+                split = {k: flops.pop(k) for k in list(flops) if k not in PARTS}
+                out[name] = {**ms, "flops": total, "parts_flops": flops, "split_flops": split, "modules": structures,
                              "threads": torch.get_num_threads()}
     finally:
         for name, model in models.items():
@@ -274,8 +287,10 @@ def module_breakdown(model: nn.Module, inputs: dict[str, torch.Tensor], repeats:
     hook_overhead (hooked / whole - 1); parts_ms: per part, the mean over the middle half of the
     runs (ranked by hooked time), so the parts, `other` included, add up to hooked_trimmed_ms;
     parts_median_ms: per-part medians (these need not add up); parts_flops (adding up to flops, the
-    whole model's FLOPs under eager attention); shares (parts_ms / hooked_trimmed_ms); modules: per
-    structure and per fixed-part module its part, ms and FLOPs.
+    whole model's FLOPs under eager attention); shares (parts_ms / hooked_trimmed_ms); split_ms /
+    split_flops: attention and mlp split into their Linears and the rest ("attention.linear",
+    "attention.rest", "mlp.linear", "mlp.rest"); modules: per structure and per fixed-part module
+    its part, ms and FLOPs.
     """
     result = _measure({"model": model}, inputs, repeats, warmup)["model"]
     result["shares"] = {p: v / result["hooked_trimmed_ms"] for p, v in result["parts_ms"].items()}
@@ -291,7 +306,8 @@ def compare_breakdown(dense: nn.Module, compressed: nn.Module, inputs: dict[str,
     """Break down `dense` and `compressed` on the same inputs (timed interleaved) and set them side
     by side: per part dense/compressed ms, speedup (dense / compressed ms), flops_ratio (dense /
     compressed FLOPs) and share of the dense and of the compressed time; `whole`: the forward's
-    speedup (without hooks) against its FLOPs ratio; `fixed`: the never-pruned parts together.
+    speedup (without hooks) against its FLOPs ratio; `split`: the same for the Linears and the rest of
+    attention and MLPs; `fixed`: the never-pruned parts together.
     `describe(result)` words it."""
     runs = _measure({"dense": dense, "compressed": compressed}, inputs, repeats, warmup)
     d, c = runs["dense"], runs["compressed"]
@@ -302,10 +318,17 @@ def compare_breakdown(dense: nn.Module, compressed: nn.Module, inputs: dict[str,
         parts[p] = {"dense_ms": dm, "compressed_ms": cm, "speedup": _ratio(dm, cm),
                     "dense_flops": df, "compressed_flops": cf, "flops_ratio": _ratio(df, cf),
                     "dense_share": dm / d["hooked_trimmed_ms"], "compressed_share": cm / c["hooked_trimmed_ms"]}
+    split = {}
+    for k in d["split_ms"]:
+        dm, cm = d["split_ms"][k], c["split_ms"][k]
+        df, cf = d["split_flops"][k], c["split_flops"][k]
+        split[k] = {"dense_ms": dm, "compressed_ms": cm, "speedup": _ratio(dm, cm), "dense_flops": df,
+                    "compressed_flops": cf, "flops_ratio": _ratio(df, cf)}
     fixed_d = sum(d["parts_ms"][p] for p in FIXED_PARTS)
     fixed_c = sum(c["parts_ms"][p] for p in FIXED_PARTS)
     return {
         "parts": parts,
+        "split": split,
         "whole": {"dense_ms": d["whole_ms"], "compressed_ms": c["whole_ms"],
                   "speedup": _ratio(d["whole_ms"], c["whole_ms"]),
                   "hooked_speedup": _ratio(d["hooked_trimmed_ms"], c["hooked_trimmed_ms"]),
@@ -326,9 +349,13 @@ def describe(result: dict[str, Any]) -> str:
         if x["speedup"] is None or x["flops_ratio"] is None:
             return f"{p}: no time or FLOPs left"
         return f"{p} {x['speedup']:.1f}x faster for {x['flops_ratio']:.1f}x fewer FLOPs"
-    w, f = result["whole"], result["fixed"]
+    w, f, sp = result["whole"], result["fixed"], result["split"]
+
+    def times(k: str) -> str:
+        return "n/a" if sp[k]["speedup"] is None else f"{sp[k]['speedup']:.1f}x"
     return (f"whole model {w['speedup']:.2f}x faster for {w['flops_ratio']:.2f}x fewer FLOPs; "
-            f"{pair('mlp')}, {pair('attention')}; the fixed parts (embeddings, norms, head, other) took "
+            f"{pair('mlp')}, {pair('attention')} (its Linears {times('attention.linear')}, the rest: matmuls, "
+            f"softmax, reshapes {times('attention.rest')}); the fixed parts (embeddings, norms, head, other) took "
             f"{100 * f['dense_share']:.0f}% of the dense time and {100 * f['compressed_share']:.0f}% of the "
             "compressed time")
 

@@ -9,7 +9,8 @@ model (upop.from_pretrained(DIR), else the task's freshly initialised model), ta
 batch, builds the optimizer (and, for --mode search, attaches upop.UPopSearch at target 0.5), then runs
 --steps training steps on that batch: forward, loss (+ the search's sparsity loss), backward,
 optimizer step, search.step(). It prints one JSON line: peak RSS (bytes), RSS right before the first
-step, their difference (growth), the step times and, on CUDA, the peak and base allocated memory.
+step, their difference (growth), the step times, the bytes autograd saved for backward in the first
+step's forward (parameters aside; exact, unlike RSS) and, on CUDA, the peak and base allocated memory.
 Right before the steps the kernel's peak-RSS mark is reset (`5` into /proc/self/clear_refs, Linux),
 so the peak is that of the steps, not of building the data set (which can be higher); peak_reset
 says whether that worked (if not, peak is the whole process's and peak_before_steps flags a build
@@ -19,6 +20,7 @@ peak that masks the steps). `search_memory` runs both modes twice, alternating, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -97,10 +99,20 @@ def measure(task: str, mode: str, steps: int = 3, model_folder: Path | None = No
     base, peak_before = rss_bytes(), peak_rss_bytes()
     cuda_base = torch.cuda.memory_allocated(dev) if cuda else None
     times, losses = [], []
-    for _ in range(steps):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:  # what autograd keeps for backward, parameters aside
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    for i in range(steps):
         start = time.perf_counter()
-        loss = bench.task.loss(model, batch)
-        total = loss + search.sparsity_loss() if search is not None else loss
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else contextlib.nullcontext():
+            loss = bench.task.loss(model, batch)
+            total = loss + search.sparsity_loss() if search is not None else loss
         total.backward()
         optimizer.step()
         bench.task.after_optimizer_step(model)
@@ -120,6 +132,8 @@ def measure(task: str, mode: str, steps: int = 3, model_folder: Path | None = No
         "peak_rss_build": peak_build, "peak_rss_before_steps": peak_before,
         # the peak was reached before the steps (building, when the reset failed): growth says nothing then
         "peak_before_steps": peak_before >= peak, "step_s": times, "losses": losses,
+        # bytes of the tensors (not parameters) autograd saved in the first step's forward: allocator-independent
+        "saved_for_backward": sum(saved.values()),
     }
     if cuda:
         out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(dev)
@@ -147,7 +161,8 @@ def search_memory(task: str, model_folder: Path | None, steps: int = 3, *, mode_
     """Run plain and search `runs` times each in fresh processes, alternating, and keep the smaller
     peak of each mode (less of whatever else the allocator did by chance). Returns both results,
     peak_ratio = search_peak / plain_peak and growth_ratio = (search_peak - base) / (plain_peak - base)
-    with each run's own base (RSS before its first step); on CUDA also cuda_peak_ratio."""
+    with each run's own base (RSS before its first step), saved_ratio (bytes saved for backward, search /
+    plain: exact); on CUDA also cuda_peak_ratio."""
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES_RUN}
     for i in range(runs):
         for mode in MODES_RUN if i % 2 == 0 else MODES_RUN[::-1]:
@@ -160,6 +175,7 @@ def search_memory(task: str, model_folder: Path | None, steps: int = 3, *, mode_
         "peak_ratio": search["peak_rss"] / plain["peak_rss"],
         "growth_ratio": search["growth"] / plain["growth"] if plain["growth"] > 0 else None,
         "search_over_plain_bytes": search["peak_rss"] - plain["peak_rss"],
+        "saved_ratio": search["saved_for_backward"] / plain["saved_for_backward"],
     }
     if "cuda_peak_allocated" in plain:
         out["cuda_peak_ratio"] = search["cuda_peak_allocated"] / plain["cuda_peak_allocated"]
