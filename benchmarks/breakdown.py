@@ -8,15 +8,16 @@ norm modules), `head` (poolers, projections, classifiers: every Linear no struct
 = the whole forward minus the timed parts (residual adds, reshapes, dropout calls, the logit matmul of
 a dual encoder's top-level forward, Python and per-call overhead).
 
-Forward pre/post hooks on the assigned modules time each call with time.perf_counter, exclusively: a
-timed module nested inside another (BertEmbeddings' LayerNorm) is subtracted from its parent, so
-nothing is counted twice and the parts plus `other` add up to the whole forward. Where a family
+A thin wrapper around the forward of each assigned module (cheaper than forward hooks) times each call
+with time.perf_counter, exclusively: a timed module nested inside another (BertEmbeddings' LayerNorm)
+is subtracted from its parent, so nothing is counted twice and the parts plus `other` add up to the
+whole forward. hook_overhead in the results is what these wrappers add to the whole forward. Where a family
 splits a structure over several modules (HF BERT: BertSelfAttention + the out-projection Linear in
 BertSelfOutput; BertIntermediate (fc1 + act) + the fc2 Linear in BertOutput) each piece is timed on
 its own and the LayerNorm, dropout and residual add of BertSelfOutput / BertOutput go to `norms` and
 `other`. Norms inside a structure's module (timm's qk_norm) count as that structure's.
 
-FLOPs per part come from the same hooks reading torch's FlopCounterMode, with eager attention
+FLOPs per part come from the same wrappers reading torch's FlopCounterMode, with eager attention
 (upop.costs.eager_attention: the counter misses fused SDPA matmuls), so they add up to
 upop.costs.count_flops of the whole model.
 """
@@ -57,14 +58,16 @@ def _inside(path: str, ancestor: str) -> bool:
     return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
 
 
-def assign_parts(model: nn.Module, structures: list[upop.Structure] | None = None) -> dict[str, dict[str, str]]:
+def assign_parts(model: nn.Module, structures: list[upop.Structure] | None = None,
+                 split: bool = True) -> dict[str, dict[str, str]]:
     """The timed modules: module path -> {"part": ..., "owner": structure name or the path itself}.
 
     A structure is timed on its module and on each of its Linears (wherever they sit: HF BERT's
     out-projection and fc2 lie outside the structure's module); "sub" tells the Linears ("linear") from
     the rest ("rest": attention matmuls, softmax, reshapes; the MLP's activation). Outside the
     structures, the outermost embedding / head modules and every norm module are timed; what is left
-    untimed is `other`.
+    untimed is `other`. split=False times the Linears inside a structure's module only as part of it
+    (fewer wrappers; no linear/rest split).
     """
     structures = upop.discover(model) if structures is None else structures
     paths = {id(m): p for p, m in model.named_modules()}
@@ -74,9 +77,11 @@ def assign_parts(model: nn.Module, structures: list[upop.Structure] | None = Non
         part = "attention" if s.is_attention else "mlp"
         linears = [*s.input_linears(), s.output_linear()]
         owned.update(id(lin) for lin in linears)
-        timed[s.name] = {"part": part, "owner": s.name, "sub": "rest"}
+        timed[s.name] = {"part": part, "owner": s.name, **({"sub": "rest"} if split else {})}
         for lin in linears:  # timed on their own too, so the Linears split from the rest of the structure
-            timed[paths[id(lin)]] = {"part": part, "owner": s.name, "sub": "linear"}
+            path = paths[id(lin)]
+            if split or not _inside(path, s.name):
+                timed[path] = {"part": part, "owner": s.name, **({"sub": "linear"} if split else {})}
     covered = list(timed)  # modules whose inside belongs to a structure or a fixed part already timed
     for path, module in model.named_modules():
         if path == "" or path in timed:
@@ -98,50 +103,57 @@ def assign_parts(model: nn.Module, structures: list[upop.Structure] | None = Non
 
 
 class _Hooks:
-    """Exclusive per-module accounting of a clock (time or FLOPs) over one forward."""
+    """Exclusive per-module accounting of a clock (time or FLOPs) over one forward.
+
+    Each timed module gets a thin wrapper around its forward (an instance attribute, removed by
+    detach): cheaper than forward pre/post hooks, which send every call down nn.Module's slow path."""
 
     def __init__(self, model: nn.Module, timed: dict[str, dict[str, str]]) -> None:
         self.model, self.timed = model, timed
         self.clock: Callable[[], float] = time.perf_counter
-        self.stack: list[list[float]] = []
+        self.stack: list[float] = []  # per open call: the time its timed children took
         self.acc: dict[str, float] = {}
-        self.handles: list[Any] = []
+        self.wrapped: list[nn.Module] = []
 
     def attach(self) -> None:
         for path in self.timed:
             module = self.model.get_submodule(path)
-            self.handles.append(module.register_forward_pre_hook(self._pre))
-            self.handles.append(module.register_forward_hook(self._post(path)))
+            if "forward" in module.__dict__:
+                self.detach()
+                raise RuntimeError(f"{path}: its forward is already replaced on the instance; cannot time it")
+            module.forward = self._wrap(path, module.forward)
+            self.wrapped.append(module)
 
     def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        for module in self.wrapped:
+            module.__dict__.pop("forward", None)
+        self.wrapped.clear()
 
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        self.stack.append([self.clock(), 0.0])
+    def _wrap(self, path: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+        acc, stack, clock = self.acc, self.stack, self.clock
 
-    def _post(self, path: str) -> Callable[..., None]:
-        acc, stack = self.acc, self.stack
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            now = self.clock()
-            start, children = stack.pop()
-            spent = now - start
-            acc[path] = acc.get(path, 0.0) + spent - children
-            if stack:
-                stack[-1][1] += spent
-        return hook
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            stack.append(0.0)
+            start = clock()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                spent = clock() - start
+                children = stack.pop()
+                acc[path] = acc.get(path, 0.0) + spent - children
+                if stack:
+                    stack[-1] += spent
+        return timed
 
     def run(self, inputs: Any) -> tuple[float, dict[str, float]]:
         """One forward: (whole, per timed path), in clock units."""
         self.stack.clear()
-        self.acc.clear()  # cleared, not replaced: the hooks hold this dict
+        self.acc.clear()  # cleared, not replaced: the wrappers hold this dict
         start = self.clock()
         run_model(self.model, inputs)
         whole = self.clock() - start
         if self.stack:
-            raise RuntimeError(f"unbalanced module hooks ({len(self.stack)} calls never returned)")
+            raise RuntimeError(f"unbalanced timing wrappers ({len(self.stack)} calls never returned)")
         return whole, dict(self.acc)
 
 
@@ -245,7 +257,8 @@ def _check_inputs(model: nn.Module, inputs: Any, repeats: int) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _measure(models: dict[str, nn.Module], inputs: Any, repeats: int, warmup: int) -> dict[str, dict[str, Any]]:
+def _measure(models: dict[str, nn.Module], inputs: Any, repeats: int, warmup: int,
+             split: bool = True) -> dict[str, dict[str, Any]]:
     """Time every model interleaved (order reversed every other round, so drifts fall on all alike)."""
     states = {}
     timings = {}
@@ -253,7 +266,7 @@ def _measure(models: dict[str, nn.Module], inputs: Any, repeats: int, warmup: in
         _check_inputs(model, inputs, repeats)
         states[name] = model.training
         model.eval()
-        timed = assign_parts(model)
+        timed = assign_parts(model, split=split)
         timings[name] = _Timing(model, timed)
     try:
         with torch.no_grad():
@@ -279,7 +292,7 @@ def _measure(models: dict[str, nn.Module], inputs: Any, repeats: int, warmup: in
 
 
 def module_breakdown(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 10,
-                     warmup: int = 2) -> dict[str, Any]:
+                     warmup: int = 2, split: bool = True) -> dict[str, Any]:
     """Time one forward of `model` on `inputs` part by part (see the module docstring) and count
     FLOPs per part; runs in eval mode under torch.no_grad at the caller's thread count.
 
@@ -290,9 +303,9 @@ def module_breakdown(model: nn.Module, inputs: dict[str, torch.Tensor], repeats:
     whole model's FLOPs under eager attention); shares (parts_ms / hooked_trimmed_ms); split_ms /
     split_flops: attention and mlp split into their Linears and the rest ("attention.linear",
     "attention.rest", "mlp.linear", "mlp.rest"); modules: per structure and per fixed-part module
-    its part, ms and FLOPs.
+    its part, ms and FLOPs. split=False: fewer wrappers (less overhead at batch 1), no split (zeros).
     """
-    result = _measure({"model": model}, inputs, repeats, warmup)["model"]
+    result = _measure({"model": model}, inputs, repeats, warmup, split)["model"]
     result["shares"] = {p: v / result["hooked_trimmed_ms"] for p, v in result["parts_ms"].items()}
     return result
 
@@ -302,14 +315,14 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def compare_breakdown(dense: nn.Module, compressed: nn.Module, inputs: dict[str, torch.Tensor],
-                      repeats: int = 10, warmup: int = 2) -> dict[str, Any]:
+                      repeats: int = 10, warmup: int = 2, split: bool = True) -> dict[str, Any]:
     """Break down `dense` and `compressed` on the same inputs (timed interleaved) and set them side
     by side: per part dense/compressed ms, speedup (dense / compressed ms), flops_ratio (dense /
     compressed FLOPs) and share of the dense and of the compressed time; `whole`: the forward's
     speedup (without hooks) against its FLOPs ratio; `split`: the same for the Linears and the rest of
     attention and MLPs; `fixed`: the never-pruned parts together.
     `describe(result)` words it."""
-    runs = _measure({"dense": dense, "compressed": compressed}, inputs, repeats, warmup)
+    runs = _measure({"dense": dense, "compressed": compressed}, inputs, repeats, warmup, split)
     d, c = runs["dense"], runs["compressed"]
     parts = {}
     for p in PARTS:
