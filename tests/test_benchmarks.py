@@ -63,10 +63,11 @@ def test_results_schema(tiny_run):
             assert row["flops"] > 0 and row["flops"] < dense["flops"]
             assert set(row["latency_ms"]) == {"batch1", "batch32"}
             assert all(v > 0 for v in row["latency_ms"].values())
-            # every method lands near the same parameter count: dense - target * prunable
-            goal = dense["params"] - target * dense["prunable_params"]
-            assert abs(row["params"] - goal) <= 0.03 * dense["prunable_params"], (method, target)
-            assert abs(row["achieved"] - target) <= 0.03, (method, target)
+            if method != "upop_latency":  # that one cuts measured latency, not params
+                # every method lands near the same parameter count: dense - target * prunable
+                goal = dense["params"] - target * dense["prunable_params"]
+                assert abs(row["params"] - goal) <= 0.03 * dense["prunable_params"], (method, target)
+                assert abs(row["achieved"] - target) <= 0.03, (method, target)
             assert row["train_flops"] > 0 and row["steps"] > 0
         for target in TARGETS:  # an equal-compute row spends UPop's training compute, within one chunk
             ec = rows.get(("torch_pruning_ec", target, 0))
