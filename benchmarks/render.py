@@ -387,8 +387,9 @@ def run_section(results: Path, docs: Path) -> list[str]:
     where = os.path.relpath(results, docs.parent)
     lines = [f"## {title}", ""]
     total = _duration((run.get("wall_s") or {}).get("total"))
-    lines += [f"Command `{run.get('command', '?')}`, started {run.get('started', '?')}, finished "
-              f"{run.get('finished', 'not finished')}, total wall time {total}."
+    commands = " ; ".join(f"`{c}`" for c in run.get("command", "?").split(" ; "))
+    lines += [f"Command(s) {commands}, started {run.get('started', '?')}, finished "
+              f"{run.get('finished', 'not finished')}, total process time {total} (processes run side by side add up)."
               f"{note} Source files: " + ", ".join(f"`{where}/{t['_file']}`" for t in tasks)
               + (f", `{where}/run.json`." if run else "."), ""]
     env = run or tasks[0]

@@ -59,7 +59,7 @@ SMALL_DEIT = dict(width=128, depth=4, heads=4, patch=7)
 BASE_METHODS = ["upop", "upop_oneshot", "upop_uniform", "magnitude", "torch_pruning"]
 ALL_METHODS = [*BASE_METHODS, "upop_kd", "torch_pruning_kd", "upop_latency", "torch_pruning_ec", "magnitude_ec"]
 # what a row's result does not depend on (a run with more methods or targets continues an earlier one)
-ROW_INDEPENDENT = ("methods", "targets", "skip", "breakdown", "memory", "onnx", "seeds")
+ROW_INDEPENDENT = ("methods", "targets", "skip", "rows", "breakdown", "memory", "onnx", "seeds")
 
 # Per mode and task: the run-config overrides and the step budget. `steps` is what every method
 # trains after the dense model (search + retrain); all phase lengths are multiples of `chunk`.
@@ -109,10 +109,10 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
                           batches=[1, 32], onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32],
                           search_cost_steps=20, taylor_batches=4, tp_bisection=10, retrain_warmup=6,
                           # 9.5 minutes a row on one core: the ablations are in the other two tasks
-                          methods=["upop", "torch_pruning", "upop_kd", "upop_latency", "torch_pruning_kd",
-                                   "torch_pruning_ec"],
-                          skip=[["torch_pruning_kd", 0.5], ["upop_kd", 0.75], ["torch_pruning_kd", 0.75],
-                                ["torch_pruning_ec", 0.75]],
+                          methods=["upop", "torch_pruning", "upop_kd", "upop_latency", "torch_pruning_ec"],
+                          rows=[["upop", 0.5], ["torch_pruning", 0.5], ["upop_latency", 0.75], ["upop", 0.75],
+                                ["upop_kd", 0.5], ["upop_latency", 0.5], ["torch_pruning", 0.75],
+                                ["torch_pruning_ec", 0.5]],
                           breakdown=["upop", "upop_latency"], memory=True, latency_batch=32),
         "classification": dict(yaml=FASHION_YAML, deit=SMALL_DEIT, overrides=[
             "model.preset=tiny-deit", "data.image_size=28", "data.limit_train=null", "data.limit_eval=5000",
@@ -124,8 +124,8 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
             latency_batch=32),
         # the pretrained MiniLM fine-tuned on 802 alias -> name pairs (12 batches of 64 a pass)
         "text": dict(yaml=TEXT_YAML, overrides=["upop.interval=5", "train.warmup_steps=10"],
-                     dense_max_steps=600, dense_eval_every=20, dense_patience=3,
-                     steps=200, search_steps=100, chunk=10, seeds=2, repeats=10, batches=[1, 32],
+                     dense_max_steps=300, dense_eval_every=20, dense_patience=3,
+                     steps=60, search_steps=30, chunk=10, seeds=1, repeats=10, batches=[1, 32],
                      onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32], search_cost_steps=20, taylor_batches=4,
                      tp_bisection=10, retrain_warmup=10, methods=ALL_METHODS, breakdown=["upop", "upop_latency"],
                      memory=True, latency_batch=32),
@@ -292,6 +292,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def planned_rows(spec: dict[str, Any]) -> list[tuple[str, float]]:
+    """(method, target) in the order they run: spec["rows"] when given (the most telling rows first,
+    so a run stopped for time keeps them), else every method at every target minus spec["skip"]."""
+    if spec.get("rows"):
+        return [(m, t) for m, t in spec["rows"]]
+    return [(m, t) for t in spec.get("targets", TARGETS) for m in spec.get("methods", list(METHODS))
+            if [m, t] not in spec.get("skip", [])]
+
+
 def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache: Path, env: dict,
              mode: str, fresh: bool) -> dict[str, Any]:
     started = time.time()
@@ -345,47 +354,46 @@ def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache:
 
     done = {(r["method"], r["target"], r["seed"]) for r in result["rows"]}
     for seed in seeds:
-        for target in spec.get("targets", TARGETS):
-            for method in spec.get("methods", list(METHODS)):
-                label, fn = METHODS[method]
-                if (method, target, seed) in done or [method, target] in spec.get("skip", []):
+        for method, target in planned_rows(spec):
+            label, fn = METHODS[method]
+            if (method, target, seed) in done:
+                continue
+            if method in EQUAL_COMPUTE:  # UPop's training compute at this target and seed
+                upop_rows = [r for r in result["rows"] if r["method"] == "upop" and r["target"] == target
+                             and r["seed"] == seed]
+                if not upop_rows:
+                    log(f"{key}: {method} at {target}, seed {seed} skipped: no upop row to match")
                     continue
-                if method in EQUAL_COMPUTE:  # UPop's training compute at this target and seed
-                    upop_rows = [r for r in result["rows"] if r["method"] == "upop" and r["target"] == target
-                                 and r["seed"] == seed]
-                    if not upop_rows:
-                        log(f"{key}: {method} at {target}, seed {seed} skipped: no upop row to match")
-                        continue
-                    bench.extra["compute_goal"] = upop_rows[0]["train_flops"]
-                log(f"{key}: {method} at target {target}, seed {seed}")
-                bench.set_seed(seed)
-                phase = time.time()
-                model, info = fn(bench, dense, target)
-                train_s = time.time() - phase
-                metrics = evaluate(bench, model)
-                onnx = method in spec["onnx"] and seed == seeds[0]
-                profile = speed_profile(bench, model, spec["batches"], spec["repeats"], onnx=onnx,
-                                        onnx_batches=spec["onnx_batches"])
-                row = {"method": method, "label": label, "target": target, "seed": seed,
-                       "metric": metrics[bench.task.metric], "metrics": metrics, "params": profile["params"],
-                       "flops": profile["flops"], "latency_ms": profile["torch_ms"],
-                       "achieved": info["achieved"], "info": info, "wall_s": time.time() - phase,
-                       "train_wall_s": train_s, "train_flops": train_flops(info),
-                       "steps": sum(info.get(k, {}).get("steps", 0) for k in ("search", "retrain"))}
-                if onnx:
-                    result["speed"][f"{method}@{target}"] = profile
-                if seed == seeds[0] and method in spec.get("breakdown", ()):  # where the time goes, part by part
-                    result.setdefault("breakdown", {})[f"{method}@{target}"] = {
-                        f"batch{b}": compare_breakdown(dense, model, bench.task.example_inputs(b),
-                                                       repeats=spec["repeats"])
-                        for b in spec["batches"]}
-                result["rows"].append(row)
-                wall[f"{method}@{target}"] = wall.get(f"{method}@{target}", 0) + row["wall_s"]
-                log(f"{key}: {method} @ {target} seed {seed}: {bench.task.metric} {row['metric']:.2f}, "
-                    f"{row['params'] / 1e6:.2f}M params, achieved {row['achieved']:.3f}, "
-                    f"{row['train_flops'] / 1e12:.2f} TFLOP, {row['wall_s']:.0f}s")
-                save()
-                del model
+                bench.extra["compute_goal"] = upop_rows[0]["train_flops"]
+            log(f"{key}: {method} at target {target}, seed {seed}")
+            bench.set_seed(seed)
+            phase = time.time()
+            model, info = fn(bench, dense, target)
+            train_s = time.time() - phase
+            metrics = evaluate(bench, model)
+            onnx = method in spec["onnx"] and seed == seeds[0]
+            profile = speed_profile(bench, model, spec["batches"], spec["repeats"], onnx=onnx,
+                                    onnx_batches=spec["onnx_batches"])
+            row = {"method": method, "label": label, "target": target, "seed": seed,
+                   "metric": metrics[bench.task.metric], "metrics": metrics, "params": profile["params"],
+                   "flops": profile["flops"], "latency_ms": profile["torch_ms"],
+                   "achieved": info["achieved"], "info": info, "wall_s": time.time() - phase,
+                   "train_wall_s": train_s, "train_flops": train_flops(info),
+                   "steps": sum(info.get(k, {}).get("steps", 0) for k in ("search", "retrain"))}
+            if onnx:
+                result["speed"][f"{method}@{target}"] = profile
+            if seed == seeds[0] and method in spec.get("breakdown", ()):  # where the time goes, part by part
+                result.setdefault("breakdown", {})[f"{method}@{target}"] = {
+                    f"batch{b}": compare_breakdown(dense, model, bench.task.example_inputs(b),
+                                                   repeats=spec["repeats"])
+                    for b in spec["batches"]}
+            result["rows"].append(row)
+            wall[f"{method}@{target}"] = wall.get(f"{method}@{target}", 0) + row["wall_s"]
+            log(f"{key}: {method} @ {target} seed {seed}: {bench.task.metric} {row['metric']:.2f}, "
+                f"{row['params'] / 1e6:.2f}M params, achieved {row['achieved']:.3f}, "
+                f"{row['train_flops'] / 1e12:.2f} TFLOP, {row['wall_s']:.0f}s")
+            save()
+            del model
     if "memory" not in result and spec.get("memory"):
         phase = time.time()
         result["memory"] = search_memory(key, cache_folder(bench, spec, cache), mode_set=mode)
@@ -395,6 +403,27 @@ def run_task(key: str, spec: dict[str, Any], seeds: list[int], out: Path, cache:
     result["complete"] = True
     save()
     return result
+
+
+def merged_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """One run.json per results folder: a run of other tasks in the same mode (e.g. two processes,
+    one per core) adds its command, tasks and wall times to what is there."""
+    if not path.is_file():
+        return meta
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return meta
+    if old.get("mode") != meta["mode"]:
+        return meta
+    commands = [c for c in old.get("command", "").split(" ; ") if c and c != meta["command"]]
+    tasks = [t for t in old.get("tasks", []) if t not in meta["tasks"]] + meta["tasks"]
+    wall = {k: v for k, v in old.get("wall_s", {}).items() if k != "total"}
+    wall.update({k: v for k, v in meta["wall_s"].items() if k != "total"})
+    wall["total"] = old.get("wall_s", {}).get("total", 0) + meta["wall_s"]["total"]  # process time, summed
+    return {**meta, "command": " ; ".join([*commands, meta["command"]]), "tasks": tasks, "wall_s": wall,
+            "started": min(old.get("started", meta["started"]), meta["started"]),
+            "finished": max(old.get("finished", meta["finished"]), meta["finished"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["wall_s"][key] = time.time() - task_start
     meta["wall_s"]["total"] = time.time() - started
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_json(run_meta_path, meta)
+    write_json(run_meta_path, merged_meta(run_meta_path, meta))
     defaults = render.default_folders(ROOT)
     folders = defaults if args.out.resolve() in [f.resolve() for f in defaults] else [args.out]
     render.render(folders, args.docs, follow_up=render.STEP_BUDGET if folders == defaults else None)
