@@ -101,6 +101,11 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
             steps=20, search_steps=10, chunk=10, seeds=1, repeats=5, batches=[1, 32],
             onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32], search_cost_steps=6, taylor_batches=2,
             tp_bisection=8, retrain_warmup=2),
+        "text": dict(yaml=TEXT_YAML, overrides=["upop.interval=5", "train.warmup_steps=5"],
+                     dense_max_steps=40, dense_eval_every=20, dense_patience=1,
+                     steps=20, search_steps=10, chunk=10, seeds=1, repeats=5, batches=[1, 32],
+                     onnx=["dense"], onnx_batches=[1, 32], search_cost_steps=6, taylor_batches=2,
+                     tp_bisection=8, retrain_warmup=2),
     },
     "full": {
         "retrieval": dict(yaml=DEMO_YAML, overrides=["upop.interval=5"],
