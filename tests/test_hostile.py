@@ -860,6 +860,8 @@ def test_5_debug_shows_the_traceback(tmp_path):
 #   upop.sparsity_weight_attn/mlp refuse -1, NaN; + 0, + 1e30 (shifts every score of a type equally)
 #   upop.max_skipped_fraction refuse -1, 1e30, NaN (a fraction, [0, 1]); + 0
 #   log.every_n_steps    refuse -1, 0; + 10**30 (logs once: what was asked)
+#   distill.weight       refuse -1, NaN; + 0 (= no distillation term), + 1e30 (diverges: stopped as non-finite)
+#   distill.temperature  refuse -1, 0, 1e30, NaN (range (0, 1000]: T^2 of a larger T overflows float32)
 REFUSE = {
     "seed": {-1, 10**30}, "model.num_labels": {-1, 0}, "data.image_size": {-1, 0, 10**30},
     "data.max_tokens": {-1, 0}, "data.limit_train": {-1}, "data.limit_eval": {-1},
@@ -875,6 +877,7 @@ REFUSE = {
     "upop.min_units": {-1, 0}, "upop.round_to": {-1, 0}, "upop.latency_batch": {-1, 0, 10**30},
     "upop.sparsity_weight_attn": {-1, "nan"}, "upop.sparsity_weight_mlp": {-1, "nan"},
     "upop.max_skipped_fraction": {-1, 1e30, "nan"}, "log.every_n_steps": {-1, 0},
+    "distill.weight": {-1, "nan"}, "distill.temperature": {-1, 0, 1e30, "nan"},
 }
 # (key, value) refused by the table above but accepted today: bugs in runconfig.py (owner named)
 KNOWN_BUGS: dict[tuple[str, object], str] = {}  # (key, value) -> bug and owner, run as strict xfail

@@ -28,6 +28,9 @@ DISTILL_PHASES = ("search", "retrain")
 LOGITS, EMBEDS = "logits", "embeds"  # the prefixes of Task.distill_views' keys
 
 
+MAX_TEMPERATURE = 1000.0
+
+
 @dataclass
 class DistillOptions:
     """The run config's `distill:` section."""
@@ -48,8 +51,9 @@ class DistillOptions:
                 or not math.isfinite(self.weight) or self.weight < 0:
             raise ConfigError(f"distill.weight must be a finite number >= 0, got {self.weight!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ConfigError(f"distill.temperature must be a finite number > 0, got {self.temperature!r}")
+                or not math.isfinite(self.temperature) or not 0 < self.temperature <= MAX_TEMPERATURE:
+            # above this every softmax is flat and T^2 (float32) turns the KL term into inf / nan
+            raise ConfigError(f"distill.temperature must be in (0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not isinstance(self.phases, list) or not all(isinstance(p, str) for p in self.phases):
             raise ConfigError(f"distill.phases must be a list of {' and '.join(DISTILL_PHASES)}, got {self.phases!r}")
         unknown = [p for p in self.phases if p not in DISTILL_PHASES]
