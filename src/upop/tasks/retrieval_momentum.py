@@ -180,7 +180,8 @@ class FeatureQueue:
 
 # ---- the momentum copy --------------------------------------------------------------------------------
 def _strip_hooks(model: nn.Module) -> None:
-    """Remove UPop's mask hooks (a deep copy shares the search's hook functions) and drop-path
+    """Remove UPop's output-multiply mask hooks (a deep copy shares the search's hook functions;
+    folded masks need nothing: a copy's folded forward is inactive, upop.masks) and drop-path
     (the paper's momentum towers have none)."""
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
