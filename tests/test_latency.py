@@ -336,3 +336,20 @@ def test_round_to_auto_needs_the_latency_budget():
 
     with pytest.raises(ValueError, match="latency"):
         UPopConfig(target=0.5, total_steps=2, round_to="auto").validate()
+
+
+def test_a_latency_target_counts_the_overhead_that_widths_cannot_remove():
+    """target 0.5 = half the prunable part's *measured* latency: with a per-call intercept in every
+    table the search cuts more than half of the width-dependent cost, and says when a target is
+    beyond what widths control."""
+    model, inputs, structures, _ = _structures()
+    lm = L.LatencyModel.synthetic(_linear_tables(structures, intercept=0.5), fixed_ms=1.0)
+    assert lm.linear_target(0.5) == pytest.approx(0.5 / lm.reachable()) and lm.linear_target(0.5) > 0.5
+    search = _run_search(model, inputs, dict(target=0.5, total_steps=4, interval=1, budget="latency"), lm)
+    report = search.plan().stats["latency"]
+    assert report["removed_measured"] == pytest.approx(0.5, abs=max(lm.unit_costs().values()) / lm.prunable_ms())
+    assert report["removed_linear"] > 0.5
+    assert lm.reachable() < 0.9
+    fresh, fresh_inputs, _, _ = _structures()
+    with pytest.warns(UserWarning, match="more than cutting widths can remove"):
+        _run_search(fresh, fresh_inputs, dict(target=0.95, total_steps=2, interval=1, budget="latency"), lm)

@@ -483,6 +483,24 @@ class LatencyModel:
         `search.select_units` ranks and cuts on."""
         return {n: self.table(n).unit_cost() for n in self.members}
 
+    def linear_target(self, target: float) -> float:
+        """The fraction of the width-dependent (linear) cost to cut so that `target` of the prunable
+        part's measured latency goes. Each structure's per-call overhead (its table's intercept)
+        does not shrink with the width, so the cut is target / width_dependent, at most 1 (every
+        unit the widths control; `reachable` says how far that goes)."""
+        costs = self.unit_costs()
+        linear = sum(costs[n] * self.units(n) for n in self.members)
+        full = self.prunable_ms()
+        if linear <= 0 or full <= 0:
+            return target
+        return min(1.0, target * full / linear)
+
+    def reachable(self) -> float:
+        """The largest fraction of the prunable part's measured latency that cutting widths removes."""
+        costs = self.unit_costs()
+        full = self.prunable_ms()
+        return min(1.0, sum(costs[n] * self.units(n) for n in self.members) / full) if full > 0 else 0.0
+
     # ---- per model ----
     def full_widths(self) -> dict[str, int]:
         return {n: self.units(n) for n in self.members}

@@ -186,6 +186,7 @@ class UPopSearch:
         self.scores = {s.name: torch.zeros(s.num_units(config.granularity), dtype=torch.float64)
                        for s in self.structures}
         self.latency = latency  # built from the first forward's tokens when budget="latency"
+        self._reach_checked = False
         self._round_to: int | None = None
         self.step_count = 0
         self.skipped_steps = 0
@@ -280,6 +281,13 @@ class UPopSearch:
             if _world_size() > 1:
                 dist.broadcast_object_list(built, src=0)
             self.latency = LatencyModel.from_dict(built[0])
+        if not self._reach_checked:
+            self._reach_checked = True
+            reachable = self.latency.reachable()
+            if self.config.target > reachable:
+                warnings.warn(f"upop: budget latency: target {self.config.target:.3f} is more than cutting widths "
+                              f"can remove ({reachable:.3f} of the prunable part's measured latency; the rest is "
+                              "per-call overhead); the search cuts every unit it can", stacklevel=2)
         return self.latency
 
     def round_to(self) -> int:
@@ -313,11 +321,14 @@ class UPopSearch:
         ratio = ratio_at(t, cfg.total_steps, cfg.target)
         self.current_ratio = ratio
         scores = self.reduced_scores()
+        cut = ratio
+        if cfg.budget == "latency":  # `target` of the measured latency: overhead does not shrink
+            cut = self.latency_model().linear_target(ratio)
         self._selected = select_units(
             scores,
             self.unit_costs(),
             {s.name: s.score_group for s in self.structures},
-            ratio,
+            cut,
             cfg.min_units,
             {s.name: s.unit_step(cfg.granularity, self.round_to()) for s in self.structures},
             cfg.ranking,
