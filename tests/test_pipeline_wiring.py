@@ -95,7 +95,9 @@ def test_latency_budget_end_to_end(karpathy, tmp_path, monkeypatch):  # noqa: F8
     assert entry["predicted_ms"] > 0 and entry["measured_ms"] > 0 and entry["model_ms"] > 0
     assert entry["prediction_error"] == pytest.approx(entry["measured_ms"] / entry["predicted_ms"] - 1)
     assert entry["measured_speedup"] == pytest.approx(entry["model_ms"] / entry["measured_ms"])
-    assert entry["removed_linear"] == pytest.approx(0.3, abs=0.05)  # the search cut at the target, in ms
+    # the target is of the measured latency, per-call overhead included, so the search cut more than
+    # 0.3 of the width-dependent cost (exactness on synthetic tables: tests/test_latency.py)
+    assert entry["removed_linear"] > 0.3 and entry["width_dependent"] < 1
     assert entry["predicted_speedup"] > 0 and entry["measured_iqr_ms"] >= 0
     # the tables the search cut on are kept with the run (a resumed search cuts on the same numbers)
     kept = json.loads((out / "state" / "latency.json").read_text())

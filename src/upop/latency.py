@@ -9,10 +9,10 @@ batch, dtype, shapes and tokens), so it is measured once per machine and model s
 
 From the table:
 - `LatencyModel.unit_costs()`: ms per unit = slope of the least-squares line through (width, ms),
-  a linear cost the global ranking (`search.select_units`) cuts on unchanged. Under it,
-  `target: 0.5` removes half of the prunable part's width-dependent latency (sum of slope x
-  units); the per-call overhead of a structure (the line's intercept) is not removable by any
-  width and is reported beside it.
+  a linear cost the global ranking (`search.select_units`) cuts on unchanged. `target: 0.5`
+  removes half of the prunable part's measured latency: the per-call overhead of a structure
+  (the line's intercept) is not removable by any width, so the search cuts target /
+  width_dependent of the linear cost (`linear_target`; at most all of it, `reachable`).
 - `predict(widths)`: fixed part + every structure's interpolated table: the latency of a plan.
   The fixed part (embeddings, norms, heads: never pruned) is the measured whole model minus the
   sum of its structures at full width, clamped at 0 (the clamp is recorded).

@@ -349,9 +349,10 @@ def _latency_budget_lines(entry: Any) -> list[str]:
         return []
     where = f"{entry.get('runtime') or NA} on {entry.get('device') or NA}, batch {entry.get('batch') or NA}"
     return ["", "## Latency budget", "", f"Measured tables ({where}, {entry.get('threads') or NA} threads):", "",
-            f"- target: remove {_percent(entry.get('target'))} of the width-dependent latency; the plan removes "
-            f"{_percent(entry.get('removed_linear'))} (linear unit costs), {_percent(entry.get('removed_measured'))} "
-            "of the prunable structures' measured time",
+            f"- target: remove {_percent(entry.get('target'))} of the prunable structures' measured time; the plan "
+            f"removes {_percent(entry.get('removed_measured'))} of it ({_percent(entry.get('removed_linear'))} of the "
+            f"width-dependent part, which is {_percent(entry.get('width_dependent'))} of it: the rest is per-call "
+            "overhead)",
             f"- dense model: {_fmt(entry.get('model_ms'), 2)} ms measured",
             f"- compressed model: {_fmt(entry.get('predicted_ms'), 2)} ms predicted, "
             f"{_fmt(entry.get('measured_ms'), 2)} ms measured (±{_fmt(entry.get('measured_iqr_ms'), 2)}; "

@@ -388,6 +388,7 @@ class UPopSearch:
         }
         if self.config.budget == "latency":
             stats["latency"] = self.latency_model().report(selection_widths(self._selected), self.config.target)
+            stats["achieved"] = stats["latency"]["removed_measured"]  # what the target means: measured latency
         return PruningPlan(structures=entries, model_class=type(self.model).__name__, stats=stats)
 
     def remove(self) -> None:
