@@ -133,7 +133,11 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
                      steps=60, search_steps=30, chunk=10, seeds=1, repeats=10, batches=[1, 32],
                      onnx=["dense", *SPEED_METHODS], onnx_batches=[1, 32], search_cost_steps=20, taylor_batches=4,
                      tp_bisection=10, retrain_warmup=10, methods=ALL_METHODS, breakdown=["upop", "upop_latency"],
-                     memory=True, latency_batch=32),
+                     memory=True, latency_batch=32,
+                     rows=[[m, t] for group in (("upop", "torch_pruning"), ("upop_kd", "torch_pruning_kd"),
+                                                ("upop_latency", "torch_pruning_ec"),
+                                                ("upop_oneshot", "upop_uniform", "magnitude", "magnitude_ec"))
+                           for t in TARGETS for m in group]),
     },
 }
 
