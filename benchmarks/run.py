@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the report render writes (default docs/BENCHMARKS.md; <out>/BENCHMARKS.md for --tiny)")
     parser.add_argument("--tasks", default="retrieval,classification,text")
     parser.add_argument("--fresh", action="store_true", help="ignore results of an earlier run with the same settings")
+    parser.add_argument("--methods", default=None,
+                        help="run only these methods' rows (comma-separated), e.g. another seed of two of them")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch (and ONNX Runtime) threads for training and timing (default: all cores). "
                              "On a machine shared with other jobs 1 avoids OpenMP oversubscription")
@@ -469,8 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"mode": mode, "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
             "tasks": tasks, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), **env,
             "wall_s": {}}
+    only = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    if only and (unknown := [m for m in only if m not in METHODS]):
+        parser.error(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
     for key in tasks:
         spec = MODES[mode][key]
+        if only:
+            spec = {**spec, "rows": [[m, t] for m, t in planned_rows(spec) if m in only]}
         seeds = list(range(args.seeds if args.seeds is not None else spec["seeds"]))
         task_start = time.time()
         run_task(key, spec, seeds, args.out, args.cache, env, mode, args.fresh)
