@@ -268,7 +268,8 @@ def breakdown_lines(task: dict[str, Any]) -> list[str]:
         return []
     labels = task.get("methods", {})
     lines = ["#### Where the speedup goes, part by part", "",
-             "One forward pass timed module by module with hooks (median of the runs; `other` = the whole "
+             "One forward pass timed module by module through thin forward wrappers (median of the runs; "
+             "`other` = the whole "
              "hooked forward minus the timed parts: residual adds, reshapes, per-call overhead), FLOPs counted "
              "per part with eager attention.", ""]
     for name, batches in entries.items():
@@ -279,7 +280,7 @@ def breakdown_lines(task: dict[str, Any]) -> list[str]:
                       f"{w['compressed_ms']:.2f} ms, **{_fmt(w['speedup'])}x for a FLOPs ratio of "
                       f"{_fmt(w['flops_ratio'])}x**; the never-pruned parts took {100 * f['dense_share']:.0f}% of the "
                       f"dense time and {100 * f['compressed_share']:.0f}% of the compressed time "
-                      f"(hook overhead {100 * (w['dense_hook_overhead'] or 0):.0f}% / "
+                      f"(wrapper overhead {100 * (w['dense_hook_overhead'] or 0):.0f}% / "
                       f"{100 * (w['compressed_hook_overhead'] or 0):.0f}%).", "",
                       "| part | dense ms | compressed ms | speedup | FLOPs ratio | share of dense time | "
                       "share of compressed time |", "|" + "---|" * 7]
@@ -391,7 +392,8 @@ def run_section(results: Path, docs: Path) -> list[str]:
     lines += [f"Command(s) {commands}, started {run.get('started', '?')}, finished "
               f"{run.get('finished', 'not finished')}, total process time {total} (processes run side by side add up)."
               f"{note} Source files: " + ", ".join(f"`{where}/{t['_file']}`" for t in tasks)
-              + (f", `{where}/run.json`." if run else "."), ""]
+              + (f", `{where}/run.json`." if run else ".")
+              + (f" How it ran: {run['note']}" if run.get("note") else ""), ""]
     env = run or tasks[0]
     machine, versions = env.get("machine", {}), env.get("versions", {})
     if machine:
@@ -482,7 +484,8 @@ def render(results: Path | list[Path], docs: Path, discussion: Path | None = HER
         for task in load(folder)[1]:
             methods.update(task.get("methods", {}))
     if methods:
-        lines += ["Methods (every one gets the same training steps after the dense model):", ""]
+        lines += ["Methods (every one gets the same training steps after the dense model, except the `_ec` rows: "
+                  "the same training compute as UPop):", ""]
         lines += [f"- `{key}`: {label}" for key, label in methods.items()] + [""]
     sections = [run_section(folder, docs) for folder in folders]
     if not any(sections):

@@ -56,6 +56,7 @@ SPEED_METHODS = ("upop", "torch_pruning", "upop_latency")  # compressed models a
 # Fashion-MNIST model: DeiT-style, 28x28 images in 7x7 patches (16 patches + cls + distillation token)
 SMALL_DEIT = dict(width=128, depth=4, heads=4, patch=7)
 
+HARNESS = 2  # run.json of an earlier harness version is replaced, not merged
 BASE_METHODS = ["upop", "upop_oneshot", "upop_uniform", "magnitude", "torch_pruning"]
 ALL_METHODS = [*BASE_METHODS, "upop_kd", "torch_pruning_kd", "upop_latency", "torch_pruning_ec", "magnitude_ec"]
 # what a row's result does not depend on (a run with more methods or targets continues an earlier one)
@@ -423,7 +424,7 @@ def merged_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return meta
-    if old.get("mode") != meta["mode"]:
+    if old.get("mode") != meta["mode"] or old.get("harness") != HARNESS:  # another harness's run: replaced
         return meta
     commands = [c for c in old.get("command", "").split(" ; ") if c and c != meta["command"]]
     tasks = [t for t in old.get("tasks", []) if t not in meta["tasks"]] + meta["tasks"]
@@ -468,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in tasks:
         if key not in MODES[mode]:
             parser.error(f"unknown task {key!r}; tasks: {', '.join(MODES[mode])}")
-    meta = {"mode": mode, "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"harness": HARNESS,
+            "mode": mode, "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
             "tasks": tasks, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), **env,
             "wall_s": {}}
     only = [m.strip() for m in args.methods.split(",")] if args.methods else None
