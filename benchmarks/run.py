@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore results of an earlier run with the same settings")
     parser.add_argument("--methods", default=None,
                         help="run only these methods' rows (comma-separated), e.g. another seed of two of them")
+    parser.add_argument("--targets", default=None, help="run only the rows at these targets (comma-separated)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch (and ONNX Runtime) threads for training and timing (default: all cores). "
                              "On a machine shared with other jobs 1 avoids OpenMP oversubscription")
@@ -478,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
     for key in tasks:
         spec = MODES[mode][key]
-        if only:
-            spec = {**spec, "rows": [[m, t] for m, t in planned_rows(spec) if m in only]}
+        if only or args.targets:
+            targets = [float(t) for t in args.targets.split(",")] if args.targets else None
+            spec = {**spec, "rows": [[m, t] for m, t in planned_rows(spec)
+                                     if (not only or m in only) and (not targets or t in targets)]}
         seeds = list(range(args.seeds if args.seeds is not None else spec["seeds"]))
         task_start = time.time()
         run_task(key, spec, seeds, args.out, args.cache, env, mode, args.fresh)
