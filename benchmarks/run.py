@@ -429,7 +429,9 @@ def merged_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     commands = [c for c in old.get("command", "").split(" ; ") if c and c != meta["command"]]
     tasks = [t for t in old.get("tasks", []) if t not in meta["tasks"]] + meta["tasks"]
     wall = {k: v for k, v in old.get("wall_s", {}).items() if k != "total"}
-    wall.update({k: v for k, v in meta["wall_s"].items() if k != "total"})
+    for k, v in meta["wall_s"].items():  # a task run again (more seeds) adds its time
+        if k != "total":
+            wall[k] = wall.get(k, 0) + v
     wall["total"] = old.get("wall_s", {}).get("total", 0) + meta["wall_s"]["total"]  # process time, summed
     return {**meta, "command": " ; ".join([*commands, meta["command"]]), "tasks": tasks, "wall_s": wall,
             "started": min(old.get("started", meta["started"]), meta["started"]),
