@@ -27,7 +27,7 @@ from upop.data import (
 from upop.data import fashion_mnist as fm
 from upop.data._cache import MARKER
 from upop.metrics import recall_at_k, top_k_accuracy
-from upop.metrics.retrieval import _ranks
+from upop.metrics.retrieval import best_ranks
 
 
 def _png(path: Path, color=(200, 30, 30), size=(8, 6)) -> Path:
@@ -231,7 +231,7 @@ def test_recall_matches_naive_loop_and_chunking():
     assert out == pytest.approx(ref)
     assert 0 < out["txt_r1"] < 100 and 0 < out["img_r1"] < 100
     gt = torch.tensor(img2txt)
-    assert torch.equal(_ranks(sim, gt, chunk=7), _ranks(sim, gt))
+    assert torch.equal(best_ranks(sim, gt, chunk=7), best_ranks(sim, gt))
 
 
 def test_recall_rejects_bad_shapes():

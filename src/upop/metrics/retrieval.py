@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 
-def _ranks(scores: torch.Tensor, gt: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def best_ranks(scores: torch.Tensor, gt: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Best (lowest) 0-based position of any ground-truth column in each row's descending sort.
 
     `gt` is (rows, max_gt) with -1 padding. Rows are processed in chunks to bound memory
@@ -24,6 +24,11 @@ def _ranks(scores: torch.Tensor, gt: torch.Tensor, chunk: int = 1024) -> torch.T
         pos = position.gather(1, g.clamp(min=0)).masked_fill(g < 0, n_cols)
         out[start:start + chunk] = pos.min(dim=1).values
     return out
+
+
+def recall_percent(ranks: torch.Tensor, k: int) -> float:
+    """Percent of the rows whose best 0-based rank (`best_ranks`) is below k."""
+    return 100.0 * (ranks < k).float().mean().item()
 
 
 def recall_at_k(sim_i2t: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> dict[str, float]:
@@ -57,15 +62,12 @@ def recall_at_k(sim_i2t: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img
     gt_t2i = torch.as_tensor(list(txt2img), dtype=torch.long).view(-1, 1)
     if gt_t2i.min() < 0 or gt_t2i.max() >= n_img:
         raise ValueError(f"txt2img holds an image index outside 0..{n_img - 1}")
-    rank_i2t = _ranks(sim, gt_i2t)
-    rank_t2i = _ranks(sim.t().contiguous(), gt_t2i)
-
-    def recall(ranks: torch.Tensor, k: int) -> float:
-        return 100.0 * (ranks < k).float().mean().item()
+    rank_i2t = best_ranks(sim, gt_i2t)
+    rank_t2i = best_ranks(sim.t().contiguous(), gt_t2i)
 
     out: dict[str, float] = {}
     for prefix, ranks in (("txt", rank_i2t), ("img", rank_t2i)):
-        recalls = [recall(ranks, k) for k in (1, 5, 10)]
+        recalls = [recall_percent(ranks, k) for k in (1, 5, 10)]
         out.update({f"{prefix}_r1": recalls[0], f"{prefix}_r5": recalls[1], f"{prefix}_r10": recalls[2],
                     f"{prefix}_r_mean": sum(recalls) / 3})
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from ..data.emoji_text import build_emoji_text
 from ..data.text_pairs import SPLITS, TextPairs, text_pair_splits
 from ..metrics import recall_at_k
-from ..metrics.retrieval import _ranks
+from ..metrics.retrieval import best_ranks, recall_percent
 from ..models import hub_tokenizer
 from ..runconfig import ConfigError, RunConfig
 from .base import Task, evaluating, register_task
@@ -174,8 +174,8 @@ def retrieval_recalls(sim_d2q: torch.Tensor, ds: TextPairs) -> dict[str, float]:
     # recall_at_k's rows are "images": here documents; txt_* ranks columns for each row (d2q)
     d2q = recall_at_k(sim[:n_docs], ds.queries_of_doc, ds.doc_of_query)
     # query -> document over every candidate (ties: the lower row, i.e. a document before a distractor)
-    ranks = _ranks(sim.t().contiguous(), torch.as_tensor(ds.doc_of_query, dtype=torch.long).view(-1, 1))
-    q2d = {k: 100.0 * (ranks < k).float().mean().item() for k in (1, 5, 10)}
+    ranks = best_ranks(sim.t().contiguous(), torch.as_tensor(ds.doc_of_query, dtype=torch.long).view(-1, 1))
+    q2d = {k: recall_percent(ranks, k) for k in (1, 5, 10)}
     out = {"q2d_r1": q2d[1], "q2d_r5": q2d[5], "q2d_r10": q2d[10], "q2d_r_mean": sum(q2d.values()) / 3,
            **{"d2q_" + k[4:]: v for k, v in d2q.items() if k.startswith("txt_")}}
     out["r_mean"] = (out["q2d_r_mean"] + out["d2q_r_mean"]) / 2
